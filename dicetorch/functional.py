@@ -1,0 +1,304 @@
+"""Dice-family losses as small PyTorch epilogues on :func:`dicetorch.ops.dice_stats`.
+
+Notation (per image n and class k, ignored pixels excluded, p = activation(input), t = target)::
+
+    I = sum_m p*t          P = sum_m p^q          T = sum_m t^q          (q = 2 if squared else 1)
+
+Every function below computes (I, P, T) with one call to the fused operator and then applies an
+O(N*C) formula; autograd carries the gradient back into the operator's hand-derived backward.
+
+Shapes: ``input`` is (N, C, *spatial) with any number of spatial dims (0 to 3+); ``target`` is
+integer labels (N, *spatial) or (N, 1, *spatial), or a float/bool tensor shaped like ``input``
+(one-hot or soft).  With C == 1, label 1 is the foreground.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "dice_score"]
+
+Weights = Optional[Union[Tensor, Sequence[float]]]
+REDUCTIONS = ("mean", "sum", "none")
+WEIGHTINGS = ("square", "simple", "uniform")
+ABSENT = ("max", "zero")
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
+def _check_options(smooth_nr, smooth_dr, reduction) -> None:
+    for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _stats(input, target, *, activation, power, ignore_index, backend) -> Tensor:
+    """Validated call of the operator; returns (N, 3, C)."""
+    ops.check_inputs(input, target, activation, power, ignore_index)
+    ops.check_target_values(input, target, ignore_index)
+    return ops.dice_stats(input, target, activation, power, ignore_index, backend)
+
+
+def _class_slice(x: Tensor, include_background: bool) -> Tensor:
+    """Drop class 0 (last dim) unless include_background; C == 1 keeps its only channel."""
+    if include_background:
+        return x
+    if x.shape[-1] == 1:
+        warnings.warn("include_background=False is ignored for single-channel input", stacklevel=3)
+        return x
+    return x[..., 1:]
+
+
+def _class_weights(class_weights: Weights, num_classes: int, include_background: bool, like: Tensor):
+    """Class weights as a tensor for the kept classes, or None.
+
+    Accepts length C, or length C-1 when ``include_background=False`` (the MONAI convention).
+    """
+    if class_weights is None:
+        return None
+    w = torch.as_tensor(class_weights, dtype=like.dtype, device=like.device).flatten()
+    kept = num_classes if include_background or num_classes == 1 else num_classes - 1
+    if w.numel() == num_classes and kept != num_classes:
+        w = w[1:]
+    if w.numel() != kept:
+        allowed = f"{num_classes}" + ("" if kept == num_classes else f" or {kept}")
+        raise ValueError(f"class_weights must have length {allowed} (C={num_classes}), got {w.numel()}")
+    if not torch.compiler.is_compiling() and bool((w < 0).any()):
+        raise ValueError(f"class_weights must be >= 0, got {w.tolist()}")
+    return w
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _ratio_to_loss(score: Tensor, log_loss: bool) -> Tensor:
+    return -torch.log(score) if log_loss else 1.0 - score
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+def dice_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    activation: str = "softmax",
+    squared: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    include_background: bool = True,
+    ignore_index: Optional[int] = None,
+    class_weights: Weights = None,
+    log_loss: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Soft Dice loss, one ratio per image and class.
+
+    ::
+
+        dice[n,k] = (2 I[n,k] + smooth_nr) / (P[n,k] + T[n,k] + smooth_dr)
+        loss[n,k] = w[k] * (1 - dice[n,k])        (or  -w[k] * log(dice[n,k])  with log_loss)
+
+    With ``batch=True`` the sums run over the whole batch first (one ratio per class).
+
+    Args:
+        input: (N, C, *spatial) logits (probabilities with ``activation="none"``).
+        target: labels (N, *spatial) / (N, 1, *spatial) or float (N, C, *spatial).
+        squared: use q = 2 (sum p^2 + sum t^2 in the denominator, V-Net).
+        class_weights: length C (or C-1 without background); the loss of class k is multiplied by it.
+        reduction: "mean" / "sum" over the (N, C) losses, or "none" returning (N, C) ((C,) with batch).
+
+    Returns:
+        A scalar, or the unreduced losses.
+    """
+    _check_options(smooth_nr, smooth_dr, reduction)
+    s = _stats(input, target, activation=activation, power=2 if squared else 1,
+               ignore_index=ignore_index, backend=backend)
+    if batch:
+        s = s.sum(0, keepdim=True)
+    s = _class_slice(s, include_background)
+    i, p, t = s.unbind(1)
+    loss = _ratio_to_loss((2.0 * i + smooth_nr) / (p + t + smooth_dr), log_loss)
+    w = _class_weights(class_weights, input.shape[1], include_background, loss)
+    if w is not None:
+        loss = loss * w
+    if batch:
+        loss = loss.squeeze(0)
+    return _reduce(loss, reduction)
+
+
+def dice_score(
+    input: Tensor,
+    target: Tensor,
+    *,
+    activation: str = "softmax",
+    hard: bool = False,
+    squared: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    include_background: bool = True,
+    ignore_index: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Dice coefficient per image and class, (N, C) ((C,) with ``batch=True``).
+
+    ``dice = (2 I + smooth_nr) / (P + T + smooth_dr)``.  With ``hard=True`` the prediction is first
+    made one-hot (argmax for softmax; ``> 0.5`` after sigmoid / as given), the usual evaluation metric.
+    """
+    if hard:
+        with torch.no_grad():
+            if activation == "softmax":
+                ops.check_inputs(input, target, activation, 1, ignore_index)
+                input = torch.nn.functional.one_hot(input.argmax(1), input.shape[1]).movedim(-1, 1)
+            else:
+                input = (torch.sigmoid(input) if activation == "sigmoid" else input) > 0.5
+            input, activation = input.float(), "none"
+    _check_options(smooth_nr, smooth_dr, "none")
+    s = _stats(input, target, activation=activation, power=2 if squared else 1,
+               ignore_index=ignore_index, backend=backend)
+    if batch:
+        s = s.sum(0)
+    s = _class_slice(s, include_background)
+    i, p, t = s.unbind(-2)
+    return (2.0 * i + smooth_nr) / (p + t + smooth_dr)
+
+
+def generalized_dice_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    activation: str = "softmax",
+    squared: bool = False,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    include_background: bool = True,
+    ignore_index: Optional[int] = None,
+    class_weights: Weights = None,
+    log_loss: bool = False,
+    reduction: str = "mean",
+    weighting: str = "square",
+    absent_weight: str = "max",
+    backend: str = "auto",
+) -> Tensor:
+    """Generalized Dice loss (Sudre et al. 2017): one ratio per image over all classes.
+
+    ::
+
+        V[n,k]  = sum_m t                         (linear target volume, also for squared=True)
+        w[n,k]  = 1/V^2 ("square") | 1/V ("simple") | 1 ("uniform"), times class_weights[k]
+        gdice[n] = (2 sum_k w I + smooth_nr) / (sum_k w (P + T) + smooth_dr)
+        loss[n]  = 1 - gdice[n]                   (or -log(gdice[n]) with log_loss)
+
+    A class absent from an image (V = 0) gets, with ``absent_weight="max"``, the largest finite weight
+    of that image (MONAI's rule; with ``batch=True``, of the batch), or 0 with ``"zero"``.  The weights
+    are constants for autograd.  ``reduction="none"`` returns (N,) (a 0-dim tensor with ``batch``).
+    """
+    _check_options(smooth_nr, smooth_dr, reduction)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    if absent_weight not in ABSENT:
+        raise ValueError(f"absent_weight must be one of {ABSENT}, got {absent_weight!r}")
+    power = 2 if squared else 1
+    s = _stats(input, target, activation=activation, power=power, ignore_index=ignore_index, backend=backend)
+    vol = s[:, 2]
+    if power == 2 and target.is_floating_point():
+        # soft targets: sum t != sum t^2, and the weights are defined on the linear volume
+        vol = target.detach().to(s.dtype).flatten(2).sum(-1)
+    if batch:
+        s, vol = s.sum(0, keepdim=True), vol.sum(0, keepdim=True)
+    s = _class_slice(s, include_background)
+    vol = _class_slice(vol, include_background).detach()
+    i, p, t = s.unbind(1)
+
+    if weighting == "uniform":
+        w = torch.ones_like(vol)
+    else:
+        w = vol.reciprocal() if weighting == "simple" else (vol * vol).reciprocal()
+        absent = torch.isinf(w)
+        w = w.masked_fill(absent, 0.0)
+        if absent_weight == "max":
+            w = torch.where(absent, w.amax(dim=-1, keepdim=True), w)
+    cw = _class_weights(class_weights, input.shape[1], include_background, w)
+    if cw is not None:
+        w = w * cw
+    score = (2.0 * (w * i).sum(-1) + smooth_nr) / ((w * (p + t)).sum(-1) + smooth_dr)
+    loss = _ratio_to_loss(score, log_loss)
+    if batch:
+        loss = loss.squeeze(0)
+    return _reduce(loss, reduction)
+
+
+def tversky_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    activation: str = "softmax",
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    gamma: float = 1.0,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+    batch: bool = False,
+    include_background: bool = True,
+    ignore_index: Optional[int] = None,
+    class_weights: Weights = None,
+    log_loss: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Tversky loss (and focal Tversky with ``gamma``), one index per image and class.
+
+    ::
+
+        TP = I,  FP = P - I,  FN = T - I                     (linear sums, q = 1)
+        ti[n,k]   = (TP + smooth_nr) / (TP + alpha FP + beta FN + smooth_dr)
+        loss[n,k] = w[k] * (1 - ti)^gamma                    (or -w[k] log(ti) with log_loss)
+
+    alpha = beta = 0.5 is Dice, alpha = beta = 1 is Jaccard (IoU); alpha weighs false positives.
+    Shapes and ``reduction`` as in :func:`dice_loss`.
+    """
+    _check_options(smooth_nr, smooth_dr, reduction)
+    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if gamma == 0:
+        raise ValueError("gamma must be > 0 (the loss would be constant)")
+    if log_loss and gamma != 1:
+        raise ValueError("log_loss=True is defined for gamma=1 only")
+    s = _stats(input, target, activation=activation, power=1, ignore_index=ignore_index, backend=backend)
+    if batch:
+        s = s.sum(0, keepdim=True)
+    s = _class_slice(s, include_background)
+    i, p, t = s.unbind(1)
+    ti = (i + smooth_nr) / (i + alpha * (p - i) + beta * (t - i) + smooth_dr)
+    if log_loss:
+        loss = -torch.log(ti)
+    elif gamma == 1:
+        loss = 1.0 - ti
+    else:
+        # rounding can push P - I or T - I a hair below 0 and ti above 1
+        loss = (1.0 - ti).clamp_min(0.0) ** gamma
+    w = _class_weights(class_weights, input.shape[1], include_background, loss)
+    if w is not None:
+        loss = loss * w
+    if batch:
+        loss = loss.squeeze(0)
+    return _reduce(loss, reduction)

@@ -1,0 +1,104 @@
+"""Drop-in ``nn.Module`` losses; each forwards to its function in :mod:`dicetorch.functional`.
+
+All take ``(input, target)`` with input (N, C, *spatial) logits and target labels (N, *spatial) /
+(N, 1, *spatial) or a float tensor shaped like the input.  ``class_weights`` is kept as a buffer
+so that ``.to(device)`` moves it with the module.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["DiceLoss", "GeneralizedDiceLoss", "TverskyLoss"]
+
+
+class _DiceBase(nn.Module):
+    _fn = None  # the functional form
+
+    def __init__(self, class_weights=None, **kwargs):
+        super().__init__()
+        self._kwargs = kwargs
+        if class_weights is not None:
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            if class_weights.dim() != 1 or bool((class_weights < 0).any()):
+                raise ValueError(
+                    f"class_weights must be a 1-D sequence of non-negative numbers, got {class_weights.tolist()}"
+                )
+        self.register_buffer("class_weights", class_weights, persistent=False)
+        # Validate options now rather than at the first forward.
+        F._check_options(kwargs["smooth_nr"], kwargs["smooth_dr"], kwargs["reduction"])
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return type(self)._fn(input, target, class_weights=self.class_weights, **self._kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
+
+
+class DiceLoss(_DiceBase):
+    """Soft Dice loss, per image and class, averaged (see :func:`dicetorch.dice_loss`).
+
+    ``loss = mean_{n,k} w_k (1 - (2 I + smooth_nr) / (P + T + smooth_dr))``
+
+    Example::
+
+        loss_fn = dicetorch.DiceLoss(include_background=False)
+        loss = loss_fn(logits, labels)   # logits (N, C, H, W), labels (N, H, W) int64
+    """
+
+    _fn = staticmethod(F.dice_loss)
+
+    def __init__(self, *, activation: str = "softmax", squared: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, batch: bool = False, include_background: bool = True,
+                 ignore_index: Optional[int] = None, class_weights=None, log_loss: bool = False,
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__(class_weights, activation=activation, squared=squared, smooth_nr=smooth_nr,
+                         smooth_dr=smooth_dr, batch=batch, include_background=include_background,
+                         ignore_index=ignore_index, log_loss=log_loss, reduction=reduction, backend=backend)
+
+
+class GeneralizedDiceLoss(_DiceBase):
+    """Generalized Dice loss (Sudre et al. 2017), see :func:`dicetorch.generalized_dice_loss`.
+
+    ``loss = 1 - (2 sum_k w_k I_k + smooth_nr) / (sum_k w_k (P_k + T_k) + smooth_dr)`` per image,
+    with ``w_k = 1 / (sum_m t_k)^2`` by default.
+    """
+
+    _fn = staticmethod(F.generalized_dice_loss)
+
+    def __init__(self, *, activation: str = "softmax", squared: bool = False, smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, batch: bool = False, include_background: bool = True,
+                 ignore_index: Optional[int] = None, class_weights=None, log_loss: bool = False,
+                 reduction: str = "mean", weighting: str = "square", absent_weight: str = "max",
+                 backend: str = "auto"):
+        if weighting not in F.WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {F.WEIGHTINGS}, got {weighting!r}")
+        if absent_weight not in F.ABSENT:
+            raise ValueError(f"absent_weight must be one of {F.ABSENT}, got {absent_weight!r}")
+        super().__init__(class_weights, activation=activation, squared=squared, smooth_nr=smooth_nr,
+                         smooth_dr=smooth_dr, batch=batch, include_background=include_background,
+                         ignore_index=ignore_index, log_loss=log_loss, reduction=reduction,
+                         weighting=weighting, absent_weight=absent_weight, backend=backend)
+
+
+class TverskyLoss(_DiceBase):
+    """Tversky / focal Tversky loss, see :func:`dicetorch.tversky_loss`.
+
+    ``ti = (TP + smooth_nr) / (TP + alpha FP + beta FN + smooth_dr)``, ``loss = mean w_k (1 - ti)^gamma``.
+    alpha = beta = 0.5 gives Dice, alpha = beta = 1 gives Jaccard.
+    """
+
+    _fn = staticmethod(F.tversky_loss)
+
+    def __init__(self, *, activation: str = "softmax", alpha: float = 0.5, beta: float = 0.5,
+                 gamma: float = 1.0, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
+                 include_background: bool = True, ignore_index: Optional[int] = None, class_weights=None,
+                 log_loss: bool = False, reduction: str = "mean", backend: str = "auto"):
+        super().__init__(class_weights, activation=activation, alpha=alpha, beta=beta, gamma=gamma,
+                         smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch,
+                         include_background=include_background, ignore_index=ignore_index,
+                         log_loss=log_loss, reduction=reduction, backend=backend)

@@ -1,0 +1,316 @@
+"""The ``dicetorch::dice_stats`` custom operator: per-class Dice sums with a hand-derived backward.
+
+Every loss in :mod:`dicetorch.functional` is a small PyTorch formula on the (N, 3, C) tensor this
+operator returns; the heavy lifting (activation, one-hot comparison, masking, reductions, and the
+input gradient) happens here, in one of several interchangeable backends:
+
+=============  ==========================================================================
+backend        implementation
+=============  ==========================================================================
+"reference"    :mod:`dicetorch.reference`, plain PyTorch, any device and dtype
+"triton"       :mod:`dicetorch.triton_kernels`, fused Triton kernels (CUDA tensors, or CPU
+               tensors when ``TRITON_INTERPRET=1``)
+"cpu"          fused C++ kernels of the ``dicetorch._C`` extension (CPU tensors)
+"cuda"         fused CUDA kernels of the ``dicetorch._C`` extension (CUDA tensors)
+"auto"         CUDA tensors: "triton", else "cuda", else "reference";
+               CPU tensors: "cpu", else "reference"
+=============  ==========================================================================
+
+Every backend implements the same two functions on the canonical layout (see
+:mod:`dicetorch.reference`): ``forward(input (N,C,M), target, activation, power, ignore_index)
+-> (N,3,C)`` and ``backward(grad (N,3,C), input, target, activation, power, ignore_index) ->
+grad_input``.  Channels-last inputs reach the backends as strided (N, C, M) views, not copies.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import acc_dtype
+
+__all__ = ["dice_stats", "available_backends", "resolve_backend", "check_target_values", "extension_info"]
+
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
+
+# ----------------------------------------------------------------------------------------------
+# The compiled extension (optional).
+# ----------------------------------------------------------------------------------------------
+try:  # pragma: no cover - depends on how the package was installed
+    # registers dicetorch::fused_forward / fused_backward for CPU (and CUDA when built with it)
+    _C = importlib.import_module("dicetorch._C")
+
+    _EXT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover
+    _C = None  # noqa: N816
+    _EXT_ERROR = str(exc)
+    warnings.warn(
+        "dicetorch: the compiled extension dicetorch._C is not available "
+        f"({exc}); using the reference/Triton paths. Build it with "
+        "`pip install --no-build-isolation -e .` (CUDA_HOME=/usr/local/cuda for the CUDA kernels).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _ext_has(device_key: str) -> bool:
+    if _C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("dicetorch::fused_forward", device_key)
+
+
+def extension_info() -> dict:
+    """What the compiled extension provides: {"loaded", "cpu", "cuda", "error"}."""
+    return {"loaded": _C is not None, "cpu": _ext_has("CPU"), "cuda": _ext_has("CUDA"), "error": _EXT_ERROR}
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+class _Extension:
+    """Backend adapter over the dicetorch::fused_* operators of the compiled extension."""
+
+    @staticmethod
+    def forward(input, target, activation, power, ignore_index):
+        return torch.ops.dicetorch.fused_forward(input, target, activation, power, ignore_index)
+
+    @staticmethod
+    def backward(grad, input, target, activation, power, ignore_index):
+        return torch.ops.dicetorch.fused_backward(grad, input, target, activation, power, ignore_index)
+
+
+class _Reference:
+    forward = staticmethod(reference.dice_stats_reference)
+    backward = staticmethod(reference.dice_stats_backward_reference)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    try:
+        return importlib.import_module("dicetorch.triton_kernels")
+    except ImportError:
+        return None
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if _triton_module() is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list:
+    """Backends that can run on tensors of ``device`` in this installation."""
+    device = torch.device(device)
+    out = ["reference"]
+    if _triton_usable(device):
+        out.append("triton")
+    if device.type == "cpu" and _ext_has("CPU"):
+        out.append("cpu")
+    if device.type == "cuda" and _ext_has("CUDA"):
+        out.append("cuda")
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` (possibly "auto") into a concrete backend usable on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    avail = available_backends(device)
+    if backend == "auto":
+        order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        return next((b for b in order if b in avail), "reference")
+    if backend not in avail:
+        why = {
+            "triton": "needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and an importable triton",
+            "cpu": "needs CPU tensors and the compiled extension dicetorch._C",
+            "cuda": "needs CUDA tensors and dicetorch._C built with CUDA kernels",
+        }[backend]
+        raise RuntimeError(
+            f"backend={backend!r} is not available for {device.type} tensors ({why}); available: {avail}"
+        )
+    return backend
+
+
+def _impl(backend: str):
+    if backend == "reference":
+        return _Reference
+    if backend == "triton":
+        return _triton_module()
+    return _Extension
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and canonical layout
+# ----------------------------------------------------------------------------------------------
+def check_inputs(input: Tensor, target: Tensor, activation: str, power: int, ignore_index: Optional[int]) -> None:
+    """Shape/dtype/option checks that need no data (safe under torch.compile)."""
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError("input and target must be torch.Tensor")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power!r}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor (N, C, *spatial), got dtype {input.dtype}")
+    if input.dim() < 2:
+        raise ValueError(f"input must have shape (N, C, *spatial), got shape {tuple(input.shape)}")
+    n, c = input.shape[0], input.shape[1]
+    if n == 0 or input.numel() == 0:
+        raise ValueError(f"input must be non-empty (N, C, *spatial), got shape {tuple(input.shape)}")
+    if activation == "softmax" and c == 1:
+        raise ValueError(
+            "activation='softmax' needs C >= 2 channels (softmax over one channel is constant 1); "
+            "use activation='sigmoid' for binary segmentation with C == 1"
+        )
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    spatial = tuple(input.shape[2:])
+    if target.is_floating_point() or (target.dtype == torch.bool and tuple(target.shape) == tuple(input.shape)):
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(
+                f"a float target must have the input's shape {tuple(input.shape)}, got {tuple(target.shape)}"
+                f" (integer labels would be (N, *spatial) = {(n, *spatial)})"
+            )
+        if ignore_index is not None:
+            raise ValueError("ignore_index needs integer label targets; got a float target (mask it instead)")
+    elif target.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        ok = (n, *spatial), (n, 1, *spatial), tuple(input.shape)
+        if tuple(target.shape) not in ok:
+            raise ValueError(
+                f"integer target must be labels shaped (N, *spatial) = {(n, *spatial)} or (N, 1, *spatial), "
+                f"or one-hot shaped like the input {tuple(input.shape)}; got {tuple(target.shape)}"
+            )
+    else:
+        raise TypeError(f"target must be an integer (labels) or floating-point tensor, got dtype {target.dtype}")
+
+
+def _is_label_target(input: Tensor, target: Tensor) -> bool:
+    """Integer targets are labels unless shaped like a multi-channel input (then one-hot)."""
+    if target.is_floating_point() or target.dtype == torch.bool and target.dim() == input.dim():
+        return False
+    return not (target.shape == input.shape and input.shape[1] > 1)
+
+
+def canonical(input: Tensor, target: Tensor):
+    """(N, C, M) view of ``input`` and the target as (N, M) integer labels or (N, C, M) floats."""
+    n, c = input.shape[0], input.shape[1]
+    x = input.reshape(n, c, -1)  # a view for contiguous and channels-last input
+    if _is_label_target(input, target):
+        t = target.reshape(n, -1)
+        if t.dtype not in (torch.int32, torch.int64, torch.uint8):
+            t = t.to(torch.int64)
+    else:
+        t = target.to(input.dtype).reshape(n, c, -1)
+    return x, t
+
+
+def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[int]) -> None:
+    """Data-dependent checks (labels in range, float targets in [0, 1]); eager mode only."""
+    if torch.compiler.is_compiling():
+        return
+    c = input.shape[1]
+    if _is_label_target(input, target):
+        valid = (0, 1) if c == 1 else (0, c - 1)
+        t = target if ignore_index is None else target[target != ignore_index]
+        if t.numel() and (int(t.min()) < valid[0] or int(t.max()) > valid[1]):
+            extra = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
+            raise ValueError(
+                f"target labels must lie in [{valid[0]}, {valid[1]}] for C={c} channels{extra}; "
+                f"found values in [{int(t.min())}, {int(t.max())}]"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# The operator
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("dicetorch::dice_stats", mutates_args=())
+def dice_stats(
+    input: Tensor,
+    target: Tensor,
+    activation: str = "softmax",
+    power: int = 1,
+    ignore_index: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Per-class Dice statistics of ``input`` against ``target``.
+
+    Args:
+        input: (N, C, *spatial) logits (or probabilities with ``activation="none"``), any float dtype,
+            contiguous or channels-last.
+        target: integer labels (N, *spatial) or (N, 1, *spatial); or a float/bool target shaped like
+            ``input`` (one-hot or soft).  With C == 1, label 1 is the foreground.
+        activation: "softmax" (over C), "sigmoid" or "none".
+        power: q in {1, 2}; 2 gives the squared (V-Net) volumes.
+        ignore_index: label value whose pixels are excluded (integer targets only).
+        backend: "auto" | "reference" | "triton" | "cpu" | "cuda".
+
+    Returns:
+        (N, 3, C) float32 (float64 for float64 input)::
+
+            [:, 0] = I = sum_m p*t,   [:, 1] = P = sum_m p^q,   [:, 2] = T = sum_m t^q
+
+    Differentiable in ``input`` through a hand-derived backward (see
+    :func:`dicetorch.reference.dice_stats_backward_reference`); the target gets no gradient.
+    """
+    check_inputs(input, target, activation, power, ignore_index)
+    x, t = canonical(input, target)
+    return _impl(resolve_backend(backend, input.device)).forward(x, t, activation, power, ignore_index)
+
+
+@dice_stats.register_fake
+def _(input, target, activation="softmax", power=1, ignore_index=None, backend="auto"):
+    check_inputs(input, target, activation, power, ignore_index)
+    return input.new_empty((input.shape[0], 3, input.shape[1]), dtype=acc_dtype(input.dtype))
+
+
+@torch.library.custom_op("dicetorch::dice_stats_backward", mutates_args=())
+def dice_stats_backward(
+    grad: Tensor,
+    input: Tensor,
+    target: Tensor,
+    activation: str,
+    power: int,
+    ignore_index: Optional[int],
+    backend: str,
+) -> Tensor:
+    """Input gradient of :func:`dice_stats` for ``grad`` = dL/dstats (N, 3, C); shaped like ``input``."""
+    x, t = canonical(input, target)
+    g = _impl(resolve_backend(backend, input.device)).backward(
+        grad.contiguous(), x, t, activation, power, ignore_index
+    )
+    return g.view(input.shape) if g.shape != input.shape else g
+
+
+@dice_stats_backward.register_fake
+def _(grad, input, target, activation, power, ignore_index, backend):
+    return torch.empty_like(input)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, activation, power, ignore_index, backend = inputs
+    if isinstance(target, Tensor) and target.requires_grad:
+        raise ValueError(
+            "target requires grad, but dice_stats gives no gradient to the target; pass target.detach()"
+        )
+    ctx.save_for_backward(input, target)
+    ctx.args = (activation, power, ignore_index, backend)
+
+
+def _backward(ctx, grad):
+    input, target = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_input = dice_stats_backward(grad, input, target, *ctx.args)
+    return grad_input, None, None, None, None, None
+
+
+dice_stats.register_autograd(_backward, setup_context=_setup_context)
