@@ -35,7 +35,8 @@ ABSENT = ("max", "zero")
 # ----------------------------------------------------------------------------------------------
 def _check_options(smooth_nr, smooth_dr, reduction) -> None:
     for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+        # v == inf, not math.isinf(v): v may be a SymFloat under torch.compile(dynamic=True)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -163,13 +164,14 @@ def dice_score(
     made one-hot (argmax for softmax; ``> 0.5`` after sigmoid / as given), the usual evaluation metric.
     """
     if hard:
+        dtype = input.dtype  # the score keeps the input's precision (float64 stays float64)
         with torch.no_grad():
             if activation == "softmax":
                 ops.check_inputs(input, target, activation, 1, ignore_index)
                 input = torch.nn.functional.one_hot(input.argmax(1), input.shape[1]).movedim(-1, 1)
             else:
                 input = (torch.sigmoid(input) if activation == "sigmoid" else input) > 0.5
-            input, activation = input.float(), "none"
+            input, activation = input.to(dtype), "none"
     _check_options(smooth_nr, smooth_dr, "none")
     s = _stats(input, target, activation=activation, power=2 if squared else 1,
                ignore_index=ignore_index, backend=backend)
@@ -221,7 +223,7 @@ def generalized_dice_loss(
     vol = s[:, 2]
     if power == 2 and target.is_floating_point():
         # soft targets: sum t != sum t^2, and the weights are defined on the linear volume
-        vol = target.detach().to(s.dtype).flatten(2).sum(-1)
+        vol = target.detach().to(s.dtype).reshape(s.shape[0], s.shape[2], -1).sum(-1)  # also 0 spatial dims
     if batch:
         s, vol = s.sum(0, keepdim=True), vol.sum(0, keepdim=True)
     s = _class_slice(s, include_background)
@@ -277,7 +279,8 @@ def tversky_loss(
     """
     _check_options(smooth_nr, smooth_dr, reduction)
     for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or math.isinf(v):
+        # v == inf, not math.isinf(v): v may be a SymFloat under torch.compile(dynamic=True)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if gamma == 0:
         raise ValueError("gamma must be > 0 (the loss would be constant)")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import ops
 
 __all__ = ["DiceLoss", "GeneralizedDiceLoss", "TverskyLoss"]
 
@@ -23,7 +24,7 @@ class _DiceBase(nn.Module):
         super().__init__()
         self._kwargs = kwargs
         if class_weights is not None:
-            class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+            class_weights = torch.as_tensor(class_weights, dtype=torch.float64)  # cast per call to the loss dtype
             if class_weights.dim() != 1 or bool((class_weights < 0).any()):
                 raise ValueError(
                     f"class_weights must be a 1-D sequence of non-negative numbers, got {class_weights.tolist()}"
@@ -31,6 +32,10 @@ class _DiceBase(nn.Module):
         self.register_buffer("class_weights", class_weights, persistent=False)
         # Validate options now rather than at the first forward.
         F._check_options(kwargs["smooth_nr"], kwargs["smooth_dr"], kwargs["reduction"])
+        if kwargs["activation"] not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {kwargs['activation']!r}")
+        if kwargs["backend"] not in ops.BACKENDS:
+            raise ValueError(f"backend must be one of {ops.BACKENDS}, got {kwargs['backend']!r}")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return type(self)._fn(input, target, class_weights=self.class_weights, **self._kwargs)

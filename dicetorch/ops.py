@@ -35,10 +35,16 @@ from torch import Tensor
 from . import reference
 from .reference import acc_dtype
 
-__all__ = ["dice_stats", "available_backends", "resolve_backend", "check_target_values", "extension_info"]
+__all__ = ["dice_stats", "available_backends", "resolve_backend", "check_target_values", "extension_info",
+           "BackendUnavailableError"]
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
+
+
+class BackendUnavailableError(ValueError, RuntimeError):
+    """A known ``backend`` that cannot run here: a bad argument (ValueError) about the environment."""
+
 
 # ----------------------------------------------------------------------------------------------
 # The compiled extension (optional).
@@ -134,7 +140,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             "cpu": "needs CPU tensors and the compiled extension dicetorch._C",
             "cuda": "needs CUDA tensors and dicetorch._C built with CUDA kernels",
         }[backend]
-        raise RuntimeError(
+        raise BackendUnavailableError(
             f"backend={backend!r} is not available for {device.type} tensors ({why}); available: {avail}"
         )
     return backend
@@ -189,13 +195,16 @@ def check_inputs(input: Tensor, target: Tensor, activation: str, power: int, ign
                 f"integer target must be labels shaped (N, *spatial) = {(n, *spatial)} or (N, 1, *spatial), "
                 f"or one-hot shaped like the input {tuple(input.shape)}; got {tuple(target.shape)}"
             )
+        if ignore_index is not None and c > 1 and tuple(target.shape) == tuple(input.shape):
+            # an integer target shaped like the input is one-hot: there is no label to compare with
+            raise ValueError("ignore_index needs integer label targets; got a one-hot target shaped like the input")
     else:
         raise TypeError(f"target must be an integer (labels) or floating-point tensor, got dtype {target.dtype}")
 
 
 def _is_label_target(input: Tensor, target: Tensor) -> bool:
     """Integer targets are labels unless shaped like a multi-channel input (then one-hot)."""
-    if target.is_floating_point() or target.dtype == torch.bool and target.dim() == input.dim():
+    if target.is_floating_point() or (target.dtype == torch.bool and target.shape == input.shape):
         return False
     return not (target.shape == input.shape and input.shape[1] > 1)
 
@@ -220,7 +229,8 @@ def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[in
     c = input.shape[1]
     if _is_label_target(input, target):
         valid = (0, 1) if c == 1 else (0, c - 1)
-        t = target if ignore_index is None else target[target != ignore_index]
+        # int64 comparison: against uint8 labels torch would wrap ignore_index=-1 to 255
+        t = target if ignore_index is None else target[target.long() != ignore_index]
         if t.numel() and (int(t.min()) < valid[0] or int(t.max()) > valid[1]):
             extra = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
             raise ValueError(

@@ -51,7 +51,8 @@ def _target_and_mask(input: Tensor, target: Tensor, ignore_index: Optional[int])
     t = one_hot(target, input.shape[1], dt)
     if ignore_index is None:
         return t, None
-    return t, (target != ignore_index).unsqueeze(1).to(dt)
+    # compare as int64: torch would wrap ignore_index=-1 to 255 against uint8 labels
+    return t, (target.long() != ignore_index).unsqueeze(1).to(dt)
 
 
 def dice_stats_reference(
@@ -102,4 +103,5 @@ def dice_stats_backward_reference(
         g = g * p * (1.0 - p)
     if mask is not None:
         g = g * mask
-    return g.to(input.dtype)
+    # keep the input's strides (channels-last gradient for channels-last input), as the fake kernel says
+    return torch.empty_like(input).copy_(g)
