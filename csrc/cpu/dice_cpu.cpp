@@ -1,0 +1,368 @@
+// Fused C++ CPU kernels of dicetorch::fused_forward / fused_backward.
+//
+// This file is compiled once per CPU capability: as itself (the portable DEFAULT kernel) and,
+// on x86-64, through dice_cpu_avx2.cpp / dice_cpu_avx512.cpp, which setup.py compiles with that
+// instruction set and -DCPU_CAPABILITY=<capability>.  Everything below lives in the namespace
+// dicetorch::cpu::<capability> (and at::vec::<capability> for the vector types), so the copies
+// never collide; dice.cpp picks one at run time.
+//
+// Algorithm (forward): the pixels of each image are cut into fixed chunks of kCpuChunk pixels;
+// one task = (image, chunk).  A task walks its chunk one vector of V pixels at a time: it loads the
+// (C, V) tile into a float buffer (converting fp16/bf16; transposing channels-last input), computes
+// p = activation(x) once per element (each exp once), and adds p*t, p^q, t^q into per-class vector
+// accumulators.  Each task writes its (3, C) partial sums; the partials of an image are then added
+// in chunk order.  The result is therefore independent of the number of threads.
+// Backward: the same tiles, one pass, g = gI*t + gP*q*p^(q-1) and the activation's Jacobian.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../dice.h"
+#include "../dice_math.h"
+
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace dicetorch {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Strides of one (N, C, M) operand and which fast path reads it.
+struct Layout {
+  int64_t sN, sC, sM;
+  bool planar;  // pixel stride 1 (or a single pixel): a channel row of V pixels is one vector load
+};
+
+static Layout layout_of(const at::Tensor& a) {
+  const bool planar = a.stride(2) == 1 || a.size(2) == 1;
+  return {a.stride(0), a.stride(1), a.stride(2), planar};
+}
+
+// The kernels handle pixel-contiguous and channels-last operands; anything else is copied once.
+static at::Tensor fast_layout(const at::Tensor& a) {
+  const bool planar = a.stride(2) == 1 || a.size(2) == 1;
+  const bool channels_last = a.stride(1) == 1 || a.size(1) == 1;
+  return (planar || channels_last) ? a : a.contiguous();
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  // The op is bound by exp: the fast float exp (documented max error 20 ULP, i.e. ~1e-6 relative)
+  // is far below the fp32 summation error of the sums it feeds.
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> load_vec(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    Vectorized<float> v;
+    at::vec::load_to_float<scalar_t>(p, v);
+    return v;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_vec(scalar_t* p, const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vectorized<acc_t>::size());
+  }
+}
+
+/// Load pixels [m0, m0+cnt) of one image into buf (C rows of V lanes, acc_t), zero-padding lanes >= cnt.
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, acc_t* buf) {
+  constexpr int V = Vectorized<acc_t>::size();
+  if (L.planar && cnt == V) {
+    for (int64_t k = 0; k < C; ++k) {
+      load_vec<scalar_t, acc_t>(base + k * L.sC + m0).store(buf + k * V);
+    }
+    return;
+  }
+  std::fill(buf, buf + C * V, acc_t(0));
+  for (int j = 0; j < cnt; ++j) {
+    const scalar_t* src = base + (m0 + j) * L.sM;
+    for (int64_t k = 0; k < C; ++k) buf[k * V + j] = static_cast<acc_t>(src[k * L.sC]);
+  }
+}
+
+/// Store lanes [0, cnt) of buf (C rows of V lanes) into pixels [m0, m0+cnt) of one image.
+template <typename scalar_t, typename acc_t>
+void store_tile(scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, const acc_t* buf) {
+  constexpr int V = Vectorized<acc_t>::size();
+  if (L.planar && cnt == V) {
+    for (int64_t k = 0; k < C; ++k) {
+      store_vec<scalar_t, acc_t>(base + k * L.sC + m0, Vectorized<acc_t>::loadu(buf + k * V));
+    }
+    return;
+  }
+  for (int j = 0; j < cnt; ++j) {
+    scalar_t* dst = base + (m0 + j) * L.sM;
+    for (int64_t k = 0; k < C; ++k) dst[k * L.sC] = static_cast<scalar_t>(buf[k * V + j]);
+  }
+}
+
+/// Pixel codes of one chunk, [m_begin, m_end) of one image, into codes[0 .. round_up(len, V)):
+/// label_code() of each label (pixel stride ``stride``), or 0 for float targets; kIgnored for the
+/// padding lanes of the last vector.  Filled once per chunk in a tight loop (which the compiler
+/// vectorizes) so that the tile loop reads the codes as whole vectors.
+template <typename tgt_t, bool kLabels, typename acc_t>
+void chunk_codes(const tgt_t* labels, int64_t stride, int64_t m_begin, int64_t m_end, int64_t C,
+                 const DiceOptions& o, acc_t* codes) {
+  constexpr int V = Vectorized<acc_t>::size();
+  const int64_t len = m_end - m_begin, padded = (len + V - 1) / V * V;
+  if constexpr (kLabels) {
+    const tgt_t* lp = labels + m_begin * stride;
+    // has_ignore as a compile-time constant of each loop keeps the loops branch-free
+    const auto fill = [&](auto has_ignore) {
+      if (stride == 1) {
+        for (int64_t j = 0; j < len; ++j) {
+          codes[j] = static_cast<acc_t>(label_code(lp[j], C, decltype(has_ignore)::value, o.ignore_index));
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          codes[j] = static_cast<acc_t>(label_code(lp[j * stride], C, decltype(has_ignore)::value, o.ignore_index));
+        }
+      }
+    };
+    if (o.has_ignore) {
+      fill(std::true_type{});
+    } else {
+      fill(std::false_type{});
+    }
+  } else {
+    std::fill(codes, codes + len, acc_t(0));
+  }
+  std::fill(codes + len, codes + padded, acc_t(kIgnored));
+}
+
+/// In place: x (C rows of V lanes) -> p = activation(x), each exp computed once.
+template <typename acc_t>
+inline void activate_tile(acc_t* buf, int64_t C, int activation) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int V = Vec::size();
+  if (activation == kSoftmax) {
+    Vec mx = Vec::loadu(buf);
+    for (int64_t k = 1; k < C; ++k) mx = at::vec::maximum(mx, Vec::loadu(buf + k * V));
+    Vec s(acc_t(0));
+    for (int64_t k = 0; k < C; ++k) {
+      const Vec e = vexp(Vec::loadu(buf + k * V) - mx);
+      e.store(buf + k * V);
+      s = s + e;
+    }
+    const Vec r = Vec(acc_t(1)) / s;
+    for (int64_t k = 0; k < C; ++k) (Vec::loadu(buf + k * V) * r).store(buf + k * V);
+  } else if (activation == kSigmoid) {
+    for (int64_t k = 0; k < C; ++k) {
+      sigmoid_from_exp(vexp(Vec::loadu(buf + k * V).neg())).store(buf + k * V);
+    }
+  }
+}
+
+// Per-task scratch: tiles of C x V values and the per-class vector accumulators.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> x, t, g, codes, acc;
+  Scratch(int64_t C, bool need_t, bool need_g, bool need_acc) {
+    constexpr int V = Vectorized<acc_t>::size();
+    x.resize(C * V);
+    codes.resize(kCpuChunk + V);
+    if (need_t) t.resize(C * V);
+    if (need_g) g.resize(C * V);
+    if (need_acc) acc.resize(3 * C * V);
+  }
+};
+
+template <typename scalar_t, typename tgt_t, bool kLabels>
+void forward_impl(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o, at::Tensor& partial) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int V = Vec::size();
+  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
+  const int64_t nchunks = partial.size(1);
+  const Layout Lx = layout_of(x);
+  const Layout Lt = kLabels ? Layout{t.stride(0), 0, t.stride(1), false} : layout_of(t);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const tgt_t* tp = t.const_data_ptr<tgt_t>();
+  acc_t* out = partial.mutable_data_ptr<acc_t>();
+  const int power = o.power;
+
+  at::parallel_for(0, N * nchunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s(C, !kLabels, false, true);
+    acc_t* acc = s.acc.data();  // [3][C][V]: I, P, T
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nchunks, chunk = task % nchunks;
+      const int64_t m_begin = chunk * kCpuChunk, m_end = std::min(M, m_begin + kCpuChunk);
+      chunk_codes<tgt_t, kLabels, acc_t>(tp + n * Lt.sN, Lt.sM, m_begin, m_end, C, o, s.codes.data());
+      std::fill(s.acc.begin(), s.acc.end(), acc_t(0));
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
+        const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
+        load_tile<scalar_t, acc_t>(xp + n * Lx.sN, Lx, C, m0, cnt, s.x.data());
+        if constexpr (!kLabels) load_tile<tgt_t, acc_t>(tp + n * Lt.sN, Lt, C, m0, cnt, s.t.data());
+        activate_tile(s.x.data(), C, o.activation);
+        const Vec code = Vec::loadu(s.codes.data() + (m0 - m_begin));
+        const Vec valid = code.ne(Vec(acc_t(kIgnored)));  // 1 for counted pixels, 0 otherwise
+        for (int64_t k = 0; k < C; ++k) {
+          const Vec p = Vec::loadu(s.x.data() + k * V) * valid;
+          Vec tk;
+          if constexpr (kLabels) {
+            tk = code.eq(Vec(acc_t(k)));
+          } else {
+            tk = Vec::loadu(s.t.data() + k * V);
+          }
+          acc_t* a = acc + k * V;
+          (Vec::loadu(a) + p * tk).store(a);
+          (Vec::loadu(a + C * V) + pow_q(p, power)).store(a + C * V);
+          (Vec::loadu(a + 2 * C * V) + pow_q(tk, power)).store(a + 2 * C * V);
+        }
+      }
+      // Horizontal sums in lane order: (3, C) partial of this task.
+      acc_t* dst = out + task * 3 * C;
+      for (int64_t j = 0; j < 3 * C; ++j) {
+        acc_t sum = 0;
+        for (int l = 0; l < V; ++l) sum += acc[j * V + l];
+        dst[j] = sum;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename tgt_t, bool kLabels>
+void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const DiceOptions& o,
+                   at::Tensor& gx) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int V = Vec::size();
+  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
+  const int64_t nchunks = (M + kCpuChunk - 1) / kCpuChunk;
+  const Layout Lx = layout_of(x), Lg = layout_of(gx);
+  const Layout Lt = kLabels ? Layout{t.stride(0), 0, t.stride(1), false} : layout_of(t);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const tgt_t* tp = t.const_data_ptr<tgt_t>();
+  const acc_t* gp = grad.const_data_ptr<acc_t>();  // (N, 3, C) contiguous
+  scalar_t* op = gx.mutable_data_ptr<scalar_t>();
+  const int power = o.power, activation = o.activation;
+
+  at::parallel_for(0, N * nchunks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s(C, !kLabels, true, false);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / nchunks, chunk = task % nchunks;
+      const int64_t m_begin = chunk * kCpuChunk, m_end = std::min(M, m_begin + kCpuChunk);
+      chunk_codes<tgt_t, kLabels, acc_t>(tp + n * Lt.sN, Lt.sM, m_begin, m_end, C, o, s.codes.data());
+      const acc_t* g_i = gp + n * 3 * C;
+      const acc_t* g_p = g_i + C;
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
+        const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
+        load_tile<scalar_t, acc_t>(xp + n * Lx.sN, Lx, C, m0, cnt, s.x.data());
+        if constexpr (!kLabels) load_tile<tgt_t, acc_t>(tp + n * Lt.sN, Lt, C, m0, cnt, s.t.data());
+        activate_tile(s.x.data(), C, activation);
+        const Vec code = Vec::loadu(s.codes.data() + (m0 - m_begin));
+        const Vec valid = code.ne(Vec(acc_t(kIgnored)));
+        Vec dot(acc_t(0));
+        for (int64_t k = 0; k < C; ++k) {
+          const Vec p = Vec::loadu(s.x.data() + k * V);
+          Vec tk;
+          if constexpr (kLabels) {
+            tk = code.eq(Vec(acc_t(k)));
+          } else {
+            tk = Vec::loadu(s.t.data() + k * V);
+          }
+          const Vec g = grad_p(Vec(g_i[k]), Vec(g_p[k]), tk, p, power);
+          g.store(s.g.data() + k * V);
+          if (activation == kSoftmax) dot = dot + p * g;
+        }
+        for (int64_t k = 0; k < C; ++k) {
+          const Vec p = Vec::loadu(s.x.data() + k * V);
+          const Vec g = Vec::loadu(s.g.data() + k * V);
+          Vec dz = g;
+          if (activation == kSoftmax) {
+            dz = softmax_dz(p, g, dot);
+          } else if (activation == kSigmoid) {
+            dz = sigmoid_dz(p, g);
+          }
+          (dz * valid).store(s.g.data() + k * V);
+        }
+        store_tile<scalar_t, acc_t>(op + n * Lg.sN, Lg, C, m0, cnt, s.g.data());
+      }
+    }
+  });
+}
+
+// Calls IMPL<scalar_t, tgt_t, kLabels>(ARGS...) for the target's kind (float, int64, int32, uint8).
+#define DICE_DISPATCH_TARGET(t, IMPL, ...)                         \
+  do {                                                             \
+    if ((t).is_floating_point()) {                                 \
+      IMPL<scalar_t, scalar_t, false>(__VA_ARGS__);                \
+    } else if ((t).scalar_type() == at::kLong) {                   \
+      IMPL<scalar_t, int64_t, true>(__VA_ARGS__);                  \
+    } else if ((t).scalar_type() == at::kInt) {                    \
+      IMPL<scalar_t, int32_t, true>(__VA_ARGS__);                  \
+    } else {                                                       \
+      IMPL<scalar_t, uint8_t, true>(__VA_ARGS__);                  \
+    }                                                              \
+  } while (0)
+
+at::Tensor forward(const at::Tensor& x_in, const at::Tensor& t_in, const DiceOptions& o) {
+  const at::Tensor x = fast_layout(x_in);
+  const at::Tensor t = t_in.is_floating_point() ? fast_layout(t_in) : t_in;
+  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
+  const int64_t nchunks = (M + kCpuChunk - 1) / kCpuChunk;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partial = at::empty({N, nchunks, 3, C}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_forward_cpu", [&] {
+    DICE_DISPATCH_TARGET(t, forward_impl, x, t, o, partial);
+  });
+  // Fixed-order second stage: chunk 0, 1, 2, ... of each image (not at::sum, whose order may
+  // depend on the number of threads).
+  at::Tensor stats = at::empty({N, 3, C}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "dicetorch_fused_forward_cpu_sum", [&] {
+    const scalar_t* src = partial.const_data_ptr<scalar_t>();
+    scalar_t* dst = stats.mutable_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t j = 0; j < 3 * C; ++j) {
+        scalar_t sum = 0;
+        for (int64_t c = 0; c < nchunks; ++c) sum += src[(n * nchunks + c) * 3 * C + j];
+        dst[n * 3 * C + j] = sum;
+      }
+    }
+  });
+  return stats;
+}
+
+at::Tensor backward(const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& t_in, const DiceOptions& o) {
+  const at::Tensor x = fast_layout(x_in);
+  const at::Tensor t = t_in.is_floating_point() ? fast_layout(t_in) : t_in;
+  // Gradient in x's layout (channels-last stays channels-last) when x is dense.
+  at::Tensor gx = x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
+                                                   : at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_backward_cpu", [&] {
+    DICE_DISPATCH_TARGET(t, backward_impl, grad, x, t, o, gx);
+  });
+  return gx;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace dicetorch

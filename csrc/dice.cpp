@@ -1,0 +1,172 @@
+// The dicetorch::fused_forward / fused_backward operators: schema, argument checks shared by the
+// CPU and CUDA kernels, and their registration with the dispatcher.
+//
+//   fused_forward(x, t, activation, power, ignore_index) -> stats (N, 3, C)
+//       stats[:,0] = I = sum_m p*t,  stats[:,1] = P = sum_m p^q,  stats[:,2] = T = sum_m t^q
+//   fused_backward(grad, x, t, activation, power, ignore_index) -> dL/dx, shaped like x
+//       g = gI*t + gP*q*p^(q-1);  softmax: p*(g - sum_j p_j g_j);  sigmoid: g*p*(1-p);  none: g
+//
+// x is (N, C, M) float (fp16/bf16/fp32/fp64), any strides; t is (N, M) int32/int64/uint8 labels
+// or an (N, C, M) float target of x's dtype; p = activation(x) in fp32 (fp64 for fp64 input).
+// The Python module dicetorch._C itself is empty: the operators are reached through
+// torch.ops.dicetorch.*.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "dice.h"
+#include "dice_math.h"
+
+namespace dicetorch {
+namespace {
+
+int parse_activation(c10::string_view activation) {
+  if (activation == "softmax") return kSoftmax;
+  if (activation == "sigmoid") return kSigmoid;
+  if (activation == "none") return kNone;
+  TORCH_CHECK(false, "dicetorch: activation must be 'softmax', 'sigmoid' or 'none', got '",
+              std::string(activation), "'");
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+/// Checks shared by both devices; returns the validated options.
+DiceOptions check(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
+                  std::optional<int64_t> ignore_index) {
+  TORCH_CHECK(x.dim() == 3, "dicetorch: input must be (N, C, M), got ", x.dim(), " dims ", x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kHalf || xt == at::kBFloat16,
+              "dicetorch: input must be float16, bfloat16, float32 or float64, got ", xt);
+  TORCH_CHECK(x.size(0) > 0 && x.size(1) > 0 && x.size(2) > 0, "dicetorch: input must be non-empty, got ",
+              x.sizes());
+  TORCH_CHECK(t.device() == x.device(), "dicetorch: target is on ", t.device(), " but input is on ", x.device());
+  if (t.is_floating_point()) {
+    TORCH_CHECK(t.sizes() == x.sizes(), "dicetorch: a float target must have the input's shape ", x.sizes(),
+                ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == xt, "dicetorch: a float target must have the input's dtype ", xt, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(!ignore_index.has_value(), "dicetorch: ignore_index needs integer label targets");
+  } else {
+    const auto tt = t.scalar_type();
+    TORCH_CHECK(tt == at::kLong || tt == at::kInt || tt == at::kByte,
+                "dicetorch: label targets must be int64, int32 or uint8, got ", tt);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(2),
+                "dicetorch: label target must be (N, M) = (", x.size(0), ", ", x.size(2), "), got ", t.sizes());
+  }
+  TORCH_CHECK(power == 1 || power == 2, "dicetorch: power must be 1 or 2, got ", power);
+  DiceOptions o;
+  o.activation = parse_activation(activation);
+  o.power = static_cast<int>(power);
+  o.has_ignore = ignore_index.has_value();
+  o.ignore_index = ignore_index.value_or(0);
+  return o;
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.device() == x.device(), "dicetorch: grad is on ", grad.device(), " but input is on ",
+              x.device());
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == 3 && grad.size(2) == x.size(1),
+              "dicetorch: grad must be (N, 3, C) = (", x.size(0), ", 3, ", x.size(1), "), got ", grad.sizes());
+}
+
+// CPU: the copy of the kernel compiled for the best instruction set this CPU (and ATen, which
+// honours ATEN_CPU_CAPABILITY) allows.
+enum class Cap { kDefault, kAvx2, kAvx512 };
+
+Cap cpu_cap() {
+  static const Cap cap = [] {
+    const std::string s = at::get_cpu_capability();
+    if (s == "AVX512") return Cap::kAvx512;
+    if (s == "AVX2") return Cap::kAvx2;
+    return Cap::kDefault;
+  }();
+  return cap;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
+                       std::optional<int64_t> ignore_index) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index);
+  switch (cpu_cap()) {
+#ifdef DICETORCH_CPU_X86
+    case Cap::kAvx512: return cpu::AVX512::forward(x, t, o);
+    case Cap::kAvx2: return cpu::AVX2::forward(x, t, o);
+#endif
+    default: return cpu::DEFAULT::forward(x, t, o);
+  }
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                        c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index);
+  check_grad(grad, x);
+  const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
+  switch (cpu_cap()) {
+#ifdef DICETORCH_CPU_X86
+    case Cap::kAvx512: return cpu::AVX512::backward(g, x, t, o);
+    case Cap::kAvx2: return cpu::AVX2::backward(g, x, t, o);
+#endif
+    default: return cpu::DEFAULT::backward(g, x, t, o);
+  }
+}
+
+#ifdef DICETORCH_WITH_CUDA
+at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
+                        std::optional<int64_t> ignore_index) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index);
+  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
+  const int64_t nblocks = (M + kCudaChunk - 1) / kCudaChunk;
+  const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
+  at::Tensor partial = at::empty({N, 3 * C, nblocks}, opts);  // per-block sums, reduced in block order
+  at::Tensor stats = at::empty({N, 3, C}, opts);
+  cuda::forward(x, t, partial, stats, o);
+  return stats;
+}
+
+at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
+                         c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index);
+  check_grad(grad, x);
+  const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
+  // Gradient in x's layout (channels-last stays channels-last) when x is dense.
+  at::Tensor gx = x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
+                                                   : at::empty(x.sizes(), x.options());
+  cuda::backward(g, x, t, gx, o);
+  return gx;
+}
+#endif
+
+}  // namespace
+
+// A fragment, so that it coexists with the Python-defined dicetorch::dice_stats operators.
+TORCH_LIBRARY_FRAGMENT(dicetorch, m) {
+  m.def("fused_forward(Tensor input, Tensor target, str activation, int power, int? ignore_index) -> Tensor");
+  m.def(
+      "fused_backward(Tensor grad, Tensor input, Tensor target, str activation, int power, int? ignore_index) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dicetorch, CPU, m) {
+  m.impl("fused_forward", &forward_cpu);
+  m.impl("fused_backward", &backward_cpu);
+}
+
+#ifdef DICETORCH_WITH_CUDA
+TORCH_LIBRARY_IMPL(dicetorch, CUDA, m) {
+  m.impl("fused_forward", &forward_cuda);
+  m.impl("fused_backward", &backward_cuda);
+}
+#endif
+
+}  // namespace dicetorch
+
+// dicetorch._C is an empty Python module: importing it runs the registrations above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

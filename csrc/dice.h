@@ -1,0 +1,41 @@
+// Host-side declarations shared by the operator (dice.cpp) and the device kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace dicetorch {
+
+/// Options of one call, already validated by dice.cpp.
+struct DiceOptions {
+  int activation;        // Activation code (dice_math.h)
+  int power;             // q in {1, 2}
+  bool has_ignore;       // ignore_index given
+  int64_t ignore_index;  // label value to ignore (when has_ignore)
+};
+
+namespace cpu {
+// Implemented once per CPU capability (csrc/cpu/dice_cpu*.cpp, namespaces DEFAULT/AVX2/AVX512).
+#define DICETORCH_DECLARE_CPU(CAP)                                                              \
+  namespace CAP {                                                                               \
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o);           \
+  at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,        \
+                      const DiceOptions& o);                                                    \
+  }
+DICETORCH_DECLARE_CPU(DEFAULT)
+DICETORCH_DECLARE_CPU(AVX2)
+DICETORCH_DECLARE_CPU(AVX512)
+#undef DICETORCH_DECLARE_CPU
+}  // namespace cpu
+
+#ifdef DICETORCH_WITH_CUDA
+namespace cuda {
+// csrc/cuda/dice_cuda.cu: stats (N, 3, C) and grad_x are allocated by the caller.
+void forward(const at::Tensor& x, const at::Tensor& t, const at::Tensor& partial, at::Tensor& stats,
+             const DiceOptions& o);
+void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& grad_x,
+              const DiceOptions& o);
+}  // namespace cuda
+#endif
+
+}  // namespace dicetorch
