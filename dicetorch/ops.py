@@ -223,20 +223,26 @@ def canonical(input: Tensor, target: Tensor):
 
 
 def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[int]) -> None:
-    """Data-dependent checks (labels in range, float targets in [0, 1]); eager mode only."""
-    if torch.compiler.is_compiling():
+    """Labels must lie in [0, C-1] ([0, 1] for C == 1) apart from ``ignore_index``; eager mode only.
+
+    One ``aminmax`` pass over the labels (plus one ``where`` with ``ignore_index``).  Kernels never
+    need this for memory safety (labels are compared, not used as addresses): it turns a silent
+    "matches no class" into a clear error.
+    """
+    if torch.compiler.is_compiling() or not _is_label_target(input, target):
         return
     c = input.shape[1]
-    if _is_label_target(input, target):
-        valid = (0, 1) if c == 1 else (0, c - 1)
+    hi = 1 if c == 1 else c - 1
+    t = target
+    if ignore_index is not None:
         # int64 comparison: against uint8 labels torch would wrap ignore_index=-1 to 255
-        t = target if ignore_index is None else target[target.long() != ignore_index]
-        if t.numel() and (int(t.min()) < valid[0] or int(t.max()) > valid[1]):
-            extra = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
-            raise ValueError(
-                f"target labels must lie in [{valid[0]}, {valid[1]}] for C={c} channels{extra}; "
-                f"found values in [{int(t.min())}, {int(t.max())}]"
-            )
+        t = torch.where(t.long() == ignore_index, torch.zeros((), dtype=t.dtype, device=t.device), t)
+    lo_found, hi_found = (int(v) for v in torch.aminmax(t))
+    if lo_found < 0 or hi_found > hi:
+        extra = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
+        raise ValueError(
+            f"target labels must lie in [0, {hi}] for C={c} channels{extra}; found values in [{lo_found}, {hi_found}]"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
