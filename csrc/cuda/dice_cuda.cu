@@ -229,20 +229,6 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls IMPL<scalar_t, tgt_t, kLabels>(ARGS...) for the target's kind (float, int64, int32, uint8).
-#define DICE_DISPATCH_TARGET(t, IMPL, ...)          \
-  do {                                              \
-    if ((t).is_floating_point()) {                  \
-      IMPL<scalar_t, scalar_t, false>(__VA_ARGS__); \
-    } else if ((t).scalar_type() == at::kLong) {    \
-      IMPL<scalar_t, int64_t, true>(__VA_ARGS__);   \
-    } else if ((t).scalar_type() == at::kInt) {     \
-      IMPL<scalar_t, int32_t, true>(__VA_ARGS__);   \
-    } else {                                        \
-      IMPL<scalar_t, uint8_t, true>(__VA_ARGS__);   \
-    }                                               \
-  } while (0)
-
 }  // namespace
 
 void forward(const at::Tensor& x, const at::Tensor& t, const at::Tensor& partial, at::Tensor& stats,
