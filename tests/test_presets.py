@@ -706,5 +706,8 @@ def test_which_dice_doc_is_up_to_date():
     assert P.DOC_PATH.read_text(encoding="utf-8") == P.which_dice_markdown(), \
         "docs/which_dice.md is stale: run `python -m dicetorch.presets --write`"
     assert P._main(["--check"]) == 0
+    readme = P.README_PATH.read_text(encoding="utf-8")
+    assert readme == P.readme_with_table(readme), "README.md's preset table is stale: run `python -m dicetorch.presets --write`"
+    assert "`keras_generalized_dice_seed`" in readme.split(P.README_BEGIN)[1].split(P.README_END)[0]
     for name in P.PRESETS:
         assert f"`{name}`" in P.which_dice_markdown()
