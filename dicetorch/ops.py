@@ -66,6 +66,7 @@ except ImportError as exc:  # pragma: no cover
     )
 
 
+@functools.lru_cache(maxsize=None)  # fixed once the extension is loaded; asked on every call
 def _ext_has(device_key: str) -> bool:
     if _C is None:
         return False
