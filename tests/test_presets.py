@@ -212,6 +212,66 @@ def test_monai_argument_errors_match():
         P.monai_dice(weight=[1.0, 2.0])(x, _one_hot(torch.zeros(2, 4, 4), 3))
 
 
+MONAI_FLAT_SPACE = dict(
+    loss=["dice", "generalized_dice", "tversky"], c=[1, 3], act=["none", "sigmoid", "softmax", "tanh"],
+    to_onehot_y=[False, True], include_background=[True, False], batch=[False, True],
+    reduction=["mean", "sum", "none"], soft_label=[False, True], soft=[False, True], ignore_index=[None, 1, 255],
+    extra=[{}, {"squared_pred": True}, {"jaccard": True}, {"weight": "seq"}, {"w_type": "simple"},
+           {"alpha": 0.3, "beta": 0.7}],
+)
+
+
+@pytest.mark.parametrize("cfg", _sample(MONAI_FLAT_SPACE, 60, seed=4), ids=str)
+def test_monai_without_spatial_dims(cfg):
+    # (N, C) input: MONAI's reduction axes are empty and torch.sum(x, dim=[]) sums over every dim, so
+    # without batch=True there is one ratio pooled over images and classes
+    c, n, loss = cfg["c"], 5, cfg["loss"]
+    gen = torch.Generator().manual_seed(hash(str(cfg)) % 2**31)
+    x = torch.randn(n, c, dtype=torch.float64, generator=gen) * 2
+    lab = torch.randint(0, max(c, 2), (n, 1), generator=gen)
+    kw = dict(include_background=cfg["include_background"], to_onehot_y=cfg["to_onehot_y"],
+              reduction=cfg["reduction"], batch=cfg["batch"], soft_label=cfg["soft_label"], **_ACTS[cfg["act"]])
+    extra = dict(cfg["extra"])
+    if extra.get("weight") == "seq":
+        extra["weight"] = [0.5 + k for k in range(c if cfg["include_background"] or c == 1 else c - 1)]
+    allowed = {"dice": ("squared_pred", "jaccard", "weight"), "generalized_dice": ("w_type",),
+               "tversky": ("alpha", "beta")}[loss]
+    kw.update({k: v for k, v in extra.items() if k in allowed})
+    if loss != "generalized_dice" and cfg["ignore_index"] is not None and cfg["to_onehot_y"]:
+        kw["ignore_index"] = cfg["ignore_index"]
+        lab[1::2] = cfg["ignore_index"]
+    if cfg["to_onehot_y"]:
+        target = lab.double() if c > 1 else lab.clamp(0, 1).double()
+    elif cfg["soft"]:
+        target = torch.rand(n, c, dtype=torch.float64, generator=gen)
+    else:
+        target = _one_hot(lab[:, 0].clamp(0, c - 1), c) if c > 1 else lab.clamp(0, 1).double()
+    ours, theirs = {"dice": (P.monai_dice, monai.losses.DiceLoss),
+                    "generalized_dice": (P.monai_generalized_dice, monai.losses.GeneralizedDiceLoss),
+                    "tversky": (P.monai_tversky, monai.losses.TverskyLoss)}[loss]
+    tol = dict(rtol=1e-6, atol=1e-8) if kw.get("squared_pred") and cfg["to_onehot_y"] and c > 1 else F64
+    if loss == "generalized_dice" and not cfg["batch"]:
+        with pytest.raises(IndexError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs(**kw)(x, target)
+        with pytest.raises(IndexError, match="spatial dims or batch=True"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours(**kw)(x, target)
+        return
+    assert_same(ours(**kw), theirs(**kw), (x, target), tol=tol)
+
+
+def test_monai_without_spatial_dims_pools_images_and_classes():
+    # one ratio of the sums over all images and classes, not a mean of per-image-and-class ratios
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lab = torch.tensor([[0], [2], [1], [2]])
+    kw = dict(softmax=True, to_onehot_y=True)
+    v = P.monai_dice(**kw)(x, lab)
+    torch.testing.assert_close(v, monai.losses.DiceLoss(**kw)(x, lab), **F64)
+    s = ops.dice_stats(x, lab[:, 0], "softmax", 1, None, "reference").sum((0, 2))
+    torch.testing.assert_close(v, 1 - (2 * s[0] + 1e-5) / (s[1] + s[2] + 1e-5), **F64)
+
+
 # ----------------------------------------------------------------------------------------------
 # segmentation_models_pytorch 0.6
 # ----------------------------------------------------------------------------------------------

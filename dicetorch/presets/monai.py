@@ -45,7 +45,8 @@ class _MonaiBase(nn.Module):
         """(tp, P, T) after MONAI's activation, one-hot, ignore mask, background slice and batch sum.
 
         tp is I, or the soft-label ``(P + T - sum|p - t|) / 2`` where that differs from I.
-        Shapes (N, C') or (C',) with ``batch``.
+        Shapes (N, C') or (C',) with ``batch``; 0-dim for input without spatial dims and without
+        ``batch`` (see :meth:`_pooled`).
         """
         c = input.shape[1]
         act, x = "none", input
@@ -120,7 +121,24 @@ class _MonaiBase(nn.Module):
                 tp, p_sum, t_sum = tp[:, 1:], p_sum[:, 1:], t_sum[:, 1:]
         if self.batch:
             tp, p_sum, t_sum = tp.sum(0), p_sum.sum(0), t_sum.sum(0)
+        elif self._pooled(input):
+            tp, p_sum, t_sum = tp.sum(), p_sum.sum(), t_sum.sum()
         return tp, p_sum, t_sum
+
+    def _pooled(self, input: Tensor) -> bool:
+        """Whether MONAI pools every image and class into one ratio.
+
+        MONAI reduces over ``reduce_axis = list(range(2, input.dim()))`` (plus 0 with ``batch``); for
+        (N, C) input without ``batch`` that list is empty, and ``torch.sum(x, dim=[])`` (as
+        ``vector_norm(x, dim=[])``) reduces over *every* dim: one ratio of the sums over the images and
+        the kept classes.
+        """
+        return input.dim() == 2 and not self.batch
+
+    def _kept_classes(self, input: Tensor) -> int:
+        """MONAI's ``target.shape[1]`` after the background slice."""
+        c = input.shape[1]
+        return c if self.include_background or c == 1 else c - 1
 
     def _reduce_broadcast(self, f: Tensor, ndim: int) -> Tensor:
         if self.reduction == "mean":
@@ -148,7 +166,7 @@ class _MonaiDice(_MonaiBase):
         numerator = 2 * tp + self.smooth_nr
         denominator = 2 * (tp + fp + fn) + self.smooth_dr
         f = 1 - numerator / denominator
-        num_of_classes = f.shape[-1]
+        num_of_classes = self._kept_classes(input)  # a pooled f is 0-dim; the weights still broadcast
         if self.class_weight is not None and num_of_classes != 1:
             w = self.class_weight
             if w.ndim == 0:
@@ -194,6 +212,10 @@ def monai_dice(include_background: bool = True, to_onehot_y: bool = False, sigmo
 
     ``reduction="none"`` returns MONAI's broadcastable shape (N, C, 1, ...) ((C, 1, ...) with batch).
 
+    Input without spatial dims, (N, C), and ``batch=False``: MONAI's reduction axes are then empty and
+    ``torch.sum(x, dim=[])`` sums over every dim, so there is one ratio pooled over the images and
+    classes (``f`` 0-dim; times ``weight`` it becomes (C,)); the preset does the same.
+
     Paths: fused for sigmoid/softmax/no activation with labels or float targets and ``ignore_index``
     on labels.  ``other_act`` (any callable) and ``ignore_index`` on a one-hot/soft target (MONAI's
     spatial mask: pixels of class ``ignore_index``, or with all-zero target for an out-of-range value)
@@ -223,6 +245,10 @@ class _MonaiGeneralizedDice(_MonaiBase):
         self.w_type = w_type
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self._pooled(input):
+            # MONAI's torch.max(w, dim=1) on the pooled 0-dim weights fails; so does the preset
+            raise IndexError("MONAI 1.6's GeneralizedDiceLoss needs spatial dims or batch=True: without them its "
+                             "sums pool every dim into a 0-dim tensor and torch.max(w, dim=1) raises IndexError")
         tp, p_sum, t_sum = self._sums(input, target, 1)
         fp, fn = (p_sum - tp) * 0.5, (t_sum - tp) * 0.5
         denominator = 2 * (tp + fp + fn)
@@ -273,7 +299,8 @@ def monai_generalized_dice(include_background: bool = True, to_onehot_y: bool = 
         f   = 1 - (2 sum_k w_k tp_k + smooth_nr) / (sum_k w_k (P_k + T_k) + smooth_dr)
 
     ``reduction="none"`` gives (N, 1, 1, ...) ((1, 1, ...) with batch).  MONAI 1.6 has no
-    ``ignore_index`` here.  ``soft_label`` and ``other_act`` as in :func:`monai_dice`.
+    ``ignore_index`` here.  ``soft_label`` and ``other_act`` as in :func:`monai_dice`.  Input without
+    spatial dims needs ``batch=True`` (MONAI raises IndexError otherwise, and so does the preset).
     """
     return _MonaiGeneralizedDice(include_background, to_onehot_y, sigmoid, softmax, other_act, w_type, reduction,
                                  smooth_nr, smooth_dr, batch, soft_label, backend=backend)
@@ -325,7 +352,9 @@ def monai_tversky(include_background: bool = True, to_onehot_y: bool = False, si
 
         ti = (tp + smooth_nr) / (tp + alpha (P - tp) + beta (T - tp) + smooth_dr),   loss = 1 - ti
 
-    ``reduction="none"`` returns (N, C) ((C,) with batch), as MONAI's Tversky does.
+    ``reduction="none"`` returns (N, C) ((C,) with batch), as MONAI's Tversky does.  Input without
+    spatial dims and ``batch=False``: one ratio pooled over the images and classes, as in
+    :func:`monai_dice` (a 0-dim ``reduction="none"`` result).
     """
     return _MonaiTversky(include_background, to_onehot_y, sigmoid, softmax, other_act, alpha, beta, reduction,
                          smooth_nr, smooth_dr, batch, soft_label, ignore_index, backend=backend)
