@@ -15,9 +15,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 
 #include "dice.h"
@@ -141,6 +144,27 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::
 }
 #endif
 
+/// Row-wise online softmax normaliser (m, s) of a 2-D float32/float64 tensor, computed with the
+/// dice_math.h update the CUDA kernels use: exposes that shared math to the CPU test suite.
+at::Tensor softmax_normaliser_cpu(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.dim() == 2, "dicetorch: _softmax_normaliser expects a 2-D tensor, got ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), 2}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dicetorch_softmax_normaliser", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < x.size(0); ++r) {
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity(), s = 0;
+      for (int64_t k = 0; k < x.size(1); ++k) {
+        online_softmax_update(m, s, xp[r * x.size(1) + k], [](scalar_t v) { return std::exp(v); });
+      }
+      op[2 * r] = m;
+      op[2 * r + 1] = s;
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // A fragment, so that it coexists with the Python-defined dicetorch::dice_stats operators.
@@ -149,11 +173,13 @@ TORCH_LIBRARY_FRAGMENT(dicetorch, m) {
   m.def(
       "fused_backward(Tensor grad, Tensor input, Tensor target, str activation, int power, int? ignore_index) "
       "-> Tensor");
+  m.def("_softmax_normaliser(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dicetorch, CPU, m) {
   m.impl("fused_forward", &forward_cpu);
   m.impl("fused_backward", &backward_cpu);
+  m.impl("_softmax_normaliser", &softmax_normaliser_cpu);
 }
 
 #ifdef DICETORCH_WITH_CUDA

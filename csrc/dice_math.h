@@ -5,6 +5,7 @@
 // the formulas that CI runs on the CPU are the very ones the CUDA kernel compiles.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -75,14 +76,16 @@ DICE_HD T pow_q(T p, int power) {
 
 /// Online softmax normaliser over channels: after all channels, m = max_k x_k and
 /// s = sum_k exp(x_k - m).  One exp per element (used by the CUDA kernel, which streams the
-/// channels instead of buffering them).
+/// channels instead of buffering them).  Start from m = -inf, s = 0.
+/// A -inf channel adds exactly 0, also while m is still -inf (leading -inf channels, e.g. after
+/// masked_fill(-inf)): exp(-inf - -inf) would be NaN.  NaN in x makes s NaN, as in torch.softmax.
 template <typename T, typename ExpFn>
 DICE_HD void online_softmax_update(T& m, T& s, T x, ExpFn exp_fn) {
   if (x > m) {
-    s = s * exp_fn(m - x) + T(1);
+    s = s * exp_fn(m - x) + T(1);  // m = -inf: 0 * exp(-inf) + 1
     m = x;
   } else {
-    s = s + exp_fn(x - m);
+    s = s + (x == -static_cast<T>(INFINITY) ? T(0) : exp_fn(x - m));
   }
 }
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["activate", "one_hot", "dice_stats_reference", "dice_stats_backward_reference", "acc_dtype"]
+__all__ = ["activate", "one_hot", "keep_mask", "dice_stats_reference", "dice_stats_backward_reference", "acc_dtype"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,22 +43,34 @@ def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return (labels.unsqueeze(1) == classes).to(dtype)
 
 
-def _target_and_mask(input: Tensor, target: Tensor, ignore_index: Optional[int]):
-    """Float target (N, C, M) and pixel mask (N, 1, M) (or None) in the accumulation dtype."""
-    dt = acc_dtype(input.dtype)
-    if target.is_floating_point():
-        return target.to(dt), None
-    t = one_hot(target, input.shape[1], dt)
-    if ignore_index is None:
-        return t, None
+def keep_mask(target: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
+    """(N, 1, M) bool mask of the counted pixels (labels != ignore_index), or None when all count."""
+    if ignore_index is None or target.is_floating_point():
+        return None
     # compare as int64: torch would wrap ignore_index=-1 to 255 against uint8 labels
-    return t, (target.long() != ignore_index).unsqueeze(1).to(dt)
+    return (target.long() != ignore_index).unsqueeze(1)
+
+
+def _prepared(input: Tensor, target: Tensor, ignore_index: Optional[int]):
+    """p = activation input with ignored pixels replaced by 0, float target, keep mask (or None).
+
+    Ignored pixels are *selected* away, never multiplied by a 0 mask: whatever they hold (NaN, inf)
+    changes nothing, and autograd gives them exactly 0 gradient.
+    """
+    dt = acc_dtype(input.dtype)
+    keep = keep_mask(target, ignore_index)
+    if keep is not None:
+        input = torch.where(keep, input, torch.zeros((), dtype=input.dtype, device=input.device))
+    t = target.to(dt) if target.is_floating_point() else one_hot(target, input.shape[1], dt)
+    if keep is not None:
+        t = torch.where(keep, t, torch.zeros((), dtype=dt, device=t.device))
+    return input, t, keep
 
 
 def dice_stats_reference(
     input: Tensor, target: Tensor, activation: str, power: int, ignore_index: Optional[int]
 ) -> Tensor:
-    """Per-class sums, differentiable by autograd.
+    """Per-class sums, differentiable by autograd (any order, forward mode, functorch transforms).
 
     Returns (N, 3, C) in the accumulation dtype::
 
@@ -66,13 +78,12 @@ def dice_stats_reference(
         stats[:, 1] = P = sum_m p ** power
         stats[:, 2] = T = sum_m t ** power
 
-    with ``p = activation(input)`` and ignored pixels excluded.
+    with ``p = activation(input)`` and ignored pixels excluded (their values never enter a sum).
     """
-    p = activate(input, activation)
-    t, mask = _target_and_mask(input, target, ignore_index)
-    if mask is not None:
-        p = p * mask
-        t = t * mask
+    x, t, keep = _prepared(input, target, ignore_index)
+    p = activate(x, activation)
+    if keep is not None:
+        p = torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device))
     pq = p if power == 1 else p * p
     tq = t if power == 1 else t * t
     return torch.stack([(p * t).sum(-1), pq.sum(-1), tq.sum(-1)], dim=1)
@@ -81,7 +92,7 @@ def dice_stats_reference(
 def dice_stats_backward_reference(
     grad: Tensor, input: Tensor, target: Tensor, activation: str, power: int, ignore_index: Optional[int]
 ) -> Tensor:
-    """Hand-derived input gradient of :func:`dice_stats_reference` (no autograd).
+    """Hand-derived input gradient of :func:`dice_stats_reference`, in plain (differentiable) PyTorch.
 
     With gI = grad[:, 0], gP = grad[:, 1] (each (N, C)) and p = activation(input)::
 
@@ -90,10 +101,11 @@ def dice_stats_backward_reference(
               = g * p * (1 - p)             (sigmoid)
               = g                           (none)
 
-    and zero on ignored pixels.  Returns a tensor shaped and typed like ``input``.
+    and exactly zero on ignored pixels, whatever ``grad`` holds.  Returns a tensor shaped and typed
+    like ``input``.  Autograd differentiates it (double backward).
     """
-    p = activate(input, activation)
-    t, mask = _target_and_mask(input, target, ignore_index)
+    x, t, keep = _prepared(input, target, ignore_index)
+    p = activate(x, activation)
     g_i = grad[:, 0].to(p.dtype).unsqueeze(-1)
     g_p = grad[:, 1].to(p.dtype).unsqueeze(-1)
     g = g_i * t + (g_p if power == 1 else 2.0 * g_p * p)
@@ -101,7 +113,7 @@ def dice_stats_backward_reference(
         g = p * (g - (p * g).sum(dim=1, keepdim=True))
     elif activation == "sigmoid":
         g = g * p * (1.0 - p)
-    if mask is not None:
-        g = g * mask
-    # keep the input's strides (channels-last gradient for channels-last input), as the fake kernel says
+    if keep is not None:
+        g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    # keep the input's strides (channels-last gradient for channels-last input)
     return torch.empty_like(input).copy_(g)

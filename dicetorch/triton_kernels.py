@@ -150,7 +150,9 @@ def _online_softmax_stats(x_base, offs_m, mmask, arange_c, C, stride_xc, stride_
         offs_c = c0 + arange_c
         x = _load_x(x_base, offs_c, offs_m, offs_c < C, mmask, stride_xc, stride_xm, 0, FP64)
         new_max = tl.maximum(run_max, tl.max(x, axis=0))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[None, :]), axis=0)
+        # while every channel so far is -inf, shift by 0: exp(-inf - -inf) would be NaN
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
         run_max = new_max
     return run_max, run_sum
 

@@ -63,9 +63,10 @@ static at::Tensor fast_layout(const at::Tensor& a) {
 template <typename acc_t>
 inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   // The op is bound by exp: the fast float exp (documented max error 20 ULP, i.e. ~1e-6 relative)
-  // is far below the fp32 summation error of the sums it feeds.
+  // is far below the fp32 summation error of the sums it feeds.  It clamps its argument, which
+  // would turn NaN into a finite value: NaN lanes are passed through (NaN in, NaN out).
   if constexpr (std::is_same_v<acc_t, float>) {
-    return v.exp_u20();
+    return Vectorized<acc_t>::blendv(v.exp_u20(), v, v.isnan());
   } else {
     return v.exp();
   }
@@ -223,9 +224,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o
         if constexpr (!kLabels) load_tile<tgt_t, acc_t>(tp + n * Lt.sN, Lt, C, m0, cnt, s.t.data());
         activate_tile(s.x.data(), C, o.activation);
         const Vec code = Vec::loadu(s.codes.data() + (m0 - m_begin));
-        const Vec valid = code.ne(Vec(acc_t(kIgnored)));  // 1 for counted pixels, 0 otherwise
+        // all-ones lanes for counted pixels: ignored ones are selected away (never multiplied by 0,
+        // so NaN/inf there changes nothing)
+        const Vec valid = code != Vec(acc_t(kIgnored));
         for (int64_t k = 0; k < C; ++k) {
-          const Vec p = Vec::loadu(s.x.data() + k * V) * valid;
+          const Vec p = Vec::blendv(Vec(acc_t(0)), Vec::loadu(s.x.data() + k * V), valid);
           Vec tk;
           if constexpr (kLabels) {
             tk = code.eq(Vec(acc_t(k)));
@@ -279,7 +282,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
         if constexpr (!kLabels) load_tile<tgt_t, acc_t>(tp + n * Lt.sN, Lt, C, m0, cnt, s.t.data());
         activate_tile(s.x.data(), C, activation);
         const Vec code = Vec::loadu(s.codes.data() + (m0 - m_begin));
-        const Vec valid = code.ne(Vec(acc_t(kIgnored)));
+        const Vec valid = code != Vec(acc_t(kIgnored));  // all-ones lanes for counted pixels
         Vec dot(acc_t(0));
         for (int64_t k = 0; k < C; ++k) {
           const Vec p = Vec::loadu(s.x.data() + k * V);
@@ -302,7 +305,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
           } else if (activation == kSigmoid) {
             dz = sigmoid_dz(p, g);
           }
-          (dz * valid).store(s.g.data() + k * V);
+          Vec::blendv(Vec(acc_t(0)), dz, valid).store(s.g.data() + k * V);  // exactly 0 when ignored
         }
         store_tile<scalar_t, acc_t>(op + n * Lg.sN, Lg, C, m0, cnt, s.g.data());
       }
