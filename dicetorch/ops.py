@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 import os
 import warnings
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import reference
 from .reference import acc_dtype
 
-__all__ = ["dice_stats", "available_backends", "resolve_backend", "check_target_values", "extension_info",
+__all__ = ["dice_stats", "dice_stats_op", "dice_stats_backward", "as_ignore_index", "available_backends", "resolve_backend", "check_target_values", "extension_info",
            "BackendUnavailableError"]
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
@@ -223,33 +225,102 @@ def canonical(input: Tensor, target: Tensor):
     return x, t
 
 
-def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[int]) -> None:
-    """Labels must lie in [0, C-1] ([0, 1] for C == 1) apart from ``ignore_index``; eager mode only.
+def as_ignore_index(ignore_index) -> Optional[int]:
+    """``ignore_index`` as a Python int (or None): accepts int, numpy integers and 0-dim integer tensors."""
+    if ignore_index is None or isinstance(ignore_index, torch.SymInt):
+        return ignore_index
+    bad = isinstance(ignore_index, bool) or (
+        isinstance(ignore_index, Tensor)
+        and (ignore_index.dim() != 0 or ignore_index.is_floating_point() or ignore_index.is_complex()
+             or ignore_index.dtype == torch.bool))
+    try:
+        if not bad:
+            return operator.index(ignore_index)
+    except TypeError:
+        pass
+    raise TypeError(f"ignore_index must be an integer label value or None, got {ignore_index!r} "
+                    f"({type(ignore_index).__name__})")
 
-    One ``aminmax`` pass over the labels (plus one ``where`` with ``ignore_index``).  Kernels never
-    need this for memory safety (labels are compared, not used as addresses): it turns a silent
-    "matches no class" into a clear error.
+
+def _data_check(bad: Tensor, message) -> None:
+    """Raise ``ValueError(message())`` if ``bad`` (a 0-dim bool tensor) is true.
+
+    CPU tensors are checked on the host (no cost beyond the reduction).  CUDA tensors are checked on
+    the device with ``torch._assert_async``: no host synchronization, capturable in a CUDA graph; a
+    failure surfaces as a device-side assertion at the next synchronizing call.
     """
-    if torch.compiler.is_compiling() or not _is_label_target(input, target):
-        return
+    if _checks_on_host(bad.device):
+        if bool(bad):
+            raise ValueError(message())
+    else:
+        torch._assert_async(~bad, "dicetorch: " + message(on_device=True))
+
+
+def _checks_on_host(device: torch.device) -> bool:
+    """Whether value checks may read their verdict on the host: only for CPU data (no sync)."""
+    return device.type == "cpu"
+
+
+def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[int]) -> None:
+    """Eager-mode value checks of the target (skipped under ``torch.compile`` and ``torch.func``).
+
+    * labels must lie in [0, C-1] ([0, 1] for C == 1) apart from ``ignore_index``;
+    * float (soft or one-hot) and integer one-hot targets must lie in [0, 1].
+
+    Kernels never need these for memory safety (labels are compared, not used as addresses): they
+    turn a silent "matches no class" or a meaningless negative volume into a clear error.  On CUDA
+    the check runs on the device (see :func:`_data_check`): the eager hot path never synchronizes.
+    """
+    if torch.compiler.is_compiling() or target.dtype == torch.bool or torch._C._are_functorch_transforms_active():
+        return  # traced code and functorch transforms cannot branch on data
     c = input.shape[1]
-    hi = 1 if c == 1 else c - 1
-    t = target
-    if ignore_index is not None:
-        # int64 comparison: against uint8 labels torch would wrap ignore_index=-1 to 255
-        t = torch.where(t.long() == ignore_index, torch.zeros((), dtype=t.dtype, device=t.device), t)
-    lo_found, hi_found = (int(v) for v in torch.aminmax(t))
-    if lo_found < 0 or hi_found > hi:
-        extra = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
-        raise ValueError(
-            f"target labels must lie in [0, {hi}] for C={c} channels{extra}; found values in [{lo_found}, {hi_found}]"
-        )
+    if _is_label_target(input, target):
+        hi = 1 if c == 1 else c - 1
+        info = torch.iinfo(target.dtype)
+        if ignore_index is not None and info.min <= ignore_index <= info.max:  # else no label equals it
+            bad = (((target < 0) | (target > hi)) & (target != ignore_index)).any()
+        else:
+            lo_found, hi_found = torch.aminmax(target.reshape(-1))
+            bad = (lo_found < 0) | (hi_found > hi)
+
+        def message(on_device=False):
+            extra = "" if ignore_index is None else f" (besides ignore_index={ignore_index})"
+            if on_device:
+                return f"target labels must lie in [0, {hi}] for C={c} channels{extra}"
+            wrong = (target < 0) | (target > hi)
+            if ignore_index is not None:
+                wrong &= target.long() != ignore_index
+            wrong = target[wrong]
+            return (f"target labels must lie in [0, {hi}] for C={c} channels{extra}; "
+                    f"found values in [{int(wrong.min())}, {int(wrong.max())}]")
+    else:
+        lo_found, hi_found = torch.aminmax(target.reshape(-1))
+        bad = (lo_found < 0) | (hi_found > 1)
+
+        def message(on_device=False):
+            found = "" if on_device else f"; found values in [{float(lo_found)}, {float(hi_found)}]"
+            return (f"a float or one-hot target must lie in [0, 1] (class probabilities){found}; "
+                    f"integer labels go in shaped (N, *spatial)")
+    _data_check(bad, message)
 
 
 # ----------------------------------------------------------------------------------------------
 # The operator
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("dicetorch::dice_stats", mutates_args=())
+def _needs_reference(input: Tensor, target: Tensor) -> bool:
+    """True inside torch.func transforms (grad, vjp, jvp, vmap, ...) and for forward-mode dual tensors.
+
+    A custom operator with a hand-written backward has no forward-mode derivative, batching rule or
+    functorch support; plain PyTorch has all of them.  So there the operator evaluates its reference
+    formula, exact and differentiable in every mode (unfused: it materializes p).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(input).tangent is not None
+
+
 def dice_stats(
     input: Tensor,
     target: Tensor,
@@ -262,12 +333,12 @@ def dice_stats(
 
     Args:
         input: (N, C, *spatial) logits (or probabilities with ``activation="none"``), any float dtype,
-            contiguous or channels-last.
+            contiguous, channels-last or any other strides.
         target: integer labels (N, *spatial) or (N, 1, *spatial); or a float/bool target shaped like
             ``input`` (one-hot or soft).  With C == 1, label 1 is the foreground.
         activation: "softmax" (over C), "sigmoid" or "none".
         power: q in {1, 2}; 2 gives the squared (V-Net) volumes.
-        ignore_index: label value whose pixels are excluded (integer targets only).
+        ignore_index: label value whose pixels count nowhere (integer targets only).
         backend: "auto" | "reference" | "triton" | "cpu" | "cuda".
 
     Returns:
@@ -277,16 +348,57 @@ def dice_stats(
 
     Differentiable in ``input`` through a hand-derived backward (see
     :func:`dicetorch.reference.dice_stats_backward_reference`); the target gets no gradient.
+    Double backward, ``torch.func`` transforms and forward-mode AD evaluate the reference formula
+    (exact, not fused).  This function validates shapes and options; the custom operator itself is
+    :data:`dice_stats_op` (``torch.ops.dicetorch.dice_stats``).
     """
+    ignore_index = as_ignore_index(ignore_index)
+    check_inputs(input, target, activation, power, ignore_index)
+    if _needs_reference(input, target):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if target.requires_grad:
+            raise ValueError("target requires grad, but dice_stats gives no gradient to the target; "
+                             "pass target.detach()")
+        x, t = canonical(input, target)
+        return reference.dice_stats_reference(x, t, activation, power, ignore_index)
+    return dice_stats_op(input, target, activation, power, ignore_index, backend)
+
+
+@torch.library.custom_op("dicetorch::dice_stats", mutates_args=())
+def dice_stats_op(
+    input: Tensor,
+    target: Tensor,
+    activation: str,
+    power: int,
+    ignore_index: Optional[int],
+    backend: str,
+) -> Tensor:
+    """The custom operator behind :func:`dice_stats` (same arguments, no defaults, no coercion)."""
     check_inputs(input, target, activation, power, ignore_index)
     x, t = canonical(input, target)
     return _impl(resolve_backend(backend, input.device)).forward(x, t, activation, power, ignore_index)
 
 
-@dice_stats.register_fake
-def _(input, target, activation="softmax", power=1, ignore_index=None, backend="auto"):
+@dice_stats_op.register_fake
+def _(input, target, activation, power, ignore_index, backend):
     check_inputs(input, target, activation, power, ignore_index)
     return input.new_empty((input.shape[0], 3, input.shape[1]), dtype=acc_dtype(input.dtype))
+
+
+def _like_input(g: Tensor, input: Tensor) -> Tensor:
+    """The (N, C, M) gradient ``g`` as a tensor with exactly ``torch.empty_like(input)``'s strides.
+
+    The fake kernel promises those strides (torch.compile relies on it).  Backends write contiguous
+    or channels-last gradients, which already match for such inputs; other dense permutations
+    (e.g. ``x.transpose(2, 3)``) get one copy.
+    """
+    g = g.view(input.shape)
+    if g.stride() == input.stride():
+        return g
+    if g.stride() == torch.empty_like(input, device="meta").stride():
+        return g
+    return torch.empty_like(input).copy_(g)
 
 
 @torch.library.custom_op("dicetorch::dice_stats_backward", mutates_args=())
@@ -299,12 +411,12 @@ def dice_stats_backward(
     ignore_index: Optional[int],
     backend: str,
 ) -> Tensor:
-    """Input gradient of :func:`dice_stats` for ``grad`` = dL/dstats (N, 3, C); shaped like ``input``."""
+    """Input gradient of :func:`dice_stats` for ``grad`` = dL/dstats (N, 3, C); like ``torch.empty_like(input)``."""
     x, t = canonical(input, target)
     g = _impl(resolve_backend(backend, input.device)).backward(
         grad.contiguous(), x, t, activation, power, ignore_index
     )
-    return g.view(input.shape) if g.shape != input.shape else g
+    return _like_input(g, input)
 
 
 @dice_stats_backward.register_fake
@@ -326,8 +438,16 @@ def _backward(ctx, grad):
     input, target = ctx.saved_tensors
     grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_input = dice_stats_backward(grad, input, target, *ctx.args)
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): the reference backward is plain PyTorch, so
+            # autograd differentiates it again.  (Under torch.compile grad mode is off here.)
+            activation, power, ignore_index, _ = ctx.args
+            x, t = canonical(input, target)
+            grad_input = _like_input(
+                reference.dice_stats_backward_reference(grad, x, t, activation, power, ignore_index), input)
+        else:
+            grad_input = dice_stats_backward(grad, input, target, *ctx.args)
     return grad_input, None, None, None, None, None
 
 
-dice_stats.register_autograd(_backward, setup_context=_setup_context)
+dice_stats_op.register_autograd(_backward, setup_context=_setup_context)

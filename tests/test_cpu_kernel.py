@@ -237,7 +237,7 @@ def test_gradcheck_float64(activation, power, kind, ignore_index):
 def test_opcheck(kind):
     x, y = make(2, 3, (4, 5), kind, "softmax", torch.float32)
     x.requires_grad_()
-    torch.library.opcheck(ops.dice_stats, (x, y, "softmax", 1, None, "cpu"))
+    torch.library.opcheck(ops.dice_stats_op, (x, y, "softmax", 1, None, "cpu"))
 
 
 def test_compile_fullgraph_equals_eager():

@@ -35,7 +35,7 @@ def test_opcheck_dice_stats(kind, activation, power, ignore_index, requires_grad
     x, t = make_case(1, c=3, spatial=(3, 4), kind=kind, activation=activation, dtype=torch.float32,
                      ignore_index=ignore_index)
     x.requires_grad_(requires_grad)
-    torch.library.opcheck(dt.ops.dice_stats, (x, t, activation, power, ignore_index, "reference"))
+    torch.library.opcheck(dt.ops.dice_stats_op, (x, t, activation, power, ignore_index, "reference"))
 
 
 @pytest.mark.parametrize("kind,activation,power,ignore_index",

@@ -327,10 +327,10 @@ def test_opcheck():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 5, 6, generator=gen, requires_grad=True)
     y = torch.randint(0, 4, (2, 5, 6), generator=gen)
-    torch.library.opcheck(ops.dice_stats, (x, y, "softmax", 1, None, "triton"))
+    torch.library.opcheck(ops.dice_stats_op, (x, y, "softmax", 1, None, "triton"))
     xf = torch.randn(2, 3, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     tf = torch.rand(2, 3, 7, generator=gen, dtype=torch.float64)
-    torch.library.opcheck(ops.dice_stats, (xf, tf, "sigmoid", 2, None, "triton"))
+    torch.library.opcheck(ops.dice_stats_op, (xf, tf, "sigmoid", 2, None, "triton"))
 
 
 def test_torch_compile_fullgraph_matches_eager():
