@@ -14,9 +14,11 @@ integer labels (N, *spatial) or (N, 1, *spatial), or a float/bool tensor shaped 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,17 +35,33 @@ ABSENT = ("max", "zero")
 # ----------------------------------------------------------------------------------------------
 # shared pieces
 # ----------------------------------------------------------------------------------------------
-def _check_options(smooth_nr, smooth_dr, reduction) -> None:
-    for name, v in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
-        # v == inf, not math.isinf(v): v may be a SymFloat under torch.compile(dynamic=True)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+def _number(name: str, v, *, positive: bool = False):
+    """A finite real >= 0 (> 0 with ``positive``) given as a Python, numpy or 0-dim tensor number.
+
+    Returns a Python float (or the SymFloat/SymInt itself under ``torch.compile(dynamic=True)``).
+    A 0-dim CUDA tensor is read once (a host copy): pass Python numbers in a hot loop.
+    """
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        return v
+    ok_tensor = isinstance(v, Tensor) and v.dim() == 0 and not v.is_complex() and v.dtype != torch.bool
+    if isinstance(v, bool) or not (ok_tensor or isinstance(v, numbers.Real)) or isinstance(v, np.bool_):
+        raise TypeError(f"{name} must be a real number (Python, numpy or 0-dim tensor), got {v!r}")
+    v = float(v)
+    if not (v > 0 if positive else v >= 0) or v == math.inf:
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {v!r}")
+    return v
+
+
+def _check_options(smooth_nr, smooth_dr, reduction):
+    """Validated (smooth_nr, smooth_dr) as numbers; checks ``reduction``."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return _number("smooth_nr", smooth_nr), _number("smooth_dr", smooth_dr)
 
 
 def _stats(input, target, *, activation, power, ignore_index, backend) -> Tensor:
     """Validated call of the operator; returns (N, 3, C)."""
+    ignore_index = ops.as_ignore_index(ignore_index)
     ops.check_inputs(input, target, activation, power, ignore_index)
     ops.check_target_values(input, target, ignore_index)
     return ops.dice_stats(input, target, activation, power, ignore_index, backend)
@@ -59,23 +77,48 @@ def _class_slice(x: Tensor, include_background: bool) -> Tensor:
     return x[..., 1:]
 
 
-def _class_weights(class_weights: Weights, num_classes: int, include_background: bool, like: Tensor):
-    """Class weights as a tensor for the kept classes, or None.
+def check_class_weights(class_weights) -> Optional[Tensor]:
+    """``class_weights`` as a 1-D float64 tensor (on its device), validated; None stays None.
 
-    Accepts length C, or length C-1 when ``include_background=False`` (the MONAI convention).
+    Weights must be finite and >= 0.  Host data (sequences, numpy, CPU tensors) is checked here;
+    CUDA tensors are checked on the device (no host synchronization).
     """
     if class_weights is None:
         return None
-    w = torch.as_tensor(class_weights, dtype=like.dtype, device=like.device).flatten()
+    if isinstance(class_weights, Tensor):
+        w = class_weights.detach()
+        if w.is_complex() or w.dtype == torch.bool:
+            raise TypeError(f"class_weights must be real numbers, got dtype {w.dtype}")
+        w = w.to(torch.float64)
+    else:
+        try:
+            w = torch.as_tensor(np.asarray(class_weights, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise TypeError(f"class_weights must be a 1-D sequence of numbers, got {class_weights!r}") from None
+    if w.dim() != 1:
+        raise ValueError(f"class_weights must be 1-D (one weight per class), got shape {tuple(w.shape)}")
+    if not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+        bad = ~(torch.isfinite(w) & (w >= 0)).all()
+        ops._data_check(bad, lambda on_device=False: "class_weights must be finite and >= 0"
+                        + ("" if on_device else f", got {w.tolist()}"))
+    return w
+
+
+def _class_weights(class_weights: Weights, num_classes: int, include_background: bool, like: Tensor):
+    """Class weights as a tensor for the kept classes (``like``'s dtype and device), or None.
+
+    Accepts length C, or length C-1 when ``include_background=False`` (the MONAI convention).
+    """
+    w = check_class_weights(class_weights)
+    if w is None:
+        return None
     kept = num_classes if include_background or num_classes == 1 else num_classes - 1
     if w.numel() == num_classes and kept != num_classes:
         w = w[1:]
     if w.numel() != kept:
         allowed = f"{num_classes}" + ("" if kept == num_classes else f" or {kept}")
         raise ValueError(f"class_weights must have length {allowed} (C={num_classes}), got {w.numel()}")
-    if not torch.compiler.is_compiling() and bool((w < 0).any()):
-        raise ValueError(f"class_weights must be >= 0, got {w.tolist()}")
-    return w
+    return w.to(dtype=like.dtype, device=like.device)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -128,7 +171,7 @@ def dice_loss(
     Returns:
         A scalar, or the unreduced losses.
     """
-    _check_options(smooth_nr, smooth_dr, reduction)
+    smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
     s = _stats(input, target, activation=activation, power=2 if squared else 1,
                ignore_index=ignore_index, backend=backend)
     if batch:
@@ -167,12 +210,12 @@ def dice_score(
         dtype = input.dtype  # the score keeps the input's precision (float64 stays float64)
         with torch.no_grad():
             if activation == "softmax":
-                ops.check_inputs(input, target, activation, 1, ignore_index)
+                ops.check_inputs(input, target, activation, 1, ops.as_ignore_index(ignore_index))
                 input = torch.nn.functional.one_hot(input.argmax(1), input.shape[1]).movedim(-1, 1)
             else:
                 input = (torch.sigmoid(input) if activation == "sigmoid" else input) > 0.5
             input, activation = input.to(dtype), "none"
-    _check_options(smooth_nr, smooth_dr, "none")
+    smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, "none")
     s = _stats(input, target, activation=activation, power=2 if squared else 1,
                ignore_index=ignore_index, backend=backend)
     if batch:
@@ -213,7 +256,7 @@ def generalized_dice_loss(
     of that image (MONAI's rule; with ``batch=True``, of the batch), or 0 with ``"zero"``.  The weights
     are constants for autograd.  ``reduction="none"`` returns (N,) (a 0-dim tensor with ``batch``).
     """
-    _check_options(smooth_nr, smooth_dr, reduction)
+    smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if absent_weight not in ABSENT:
@@ -277,13 +320,11 @@ def tversky_loss(
     alpha = beta = 0.5 is Dice, alpha = beta = 1 is Jaccard (IoU); alpha weighs false positives.
     Shapes and ``reduction`` as in :func:`dice_loss`.
     """
-    _check_options(smooth_nr, smooth_dr, reduction)
-    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        # v == inf, not math.isinf(v): v may be a SymFloat under torch.compile(dynamic=True)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == math.inf:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if gamma == 0:
-        raise ValueError("gamma must be > 0 (the loss would be constant)")
+    smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
+    alpha, beta = _number("alpha", alpha), _number("beta", beta)
+    if alpha == 0 and beta == 0:
+        raise ValueError("alpha and beta must not both be 0 (the Tversky index would be constant)")
+    gamma = _number("gamma", gamma, positive=True)  # gamma = 0 would make the loss constant
     if log_loss and gamma != 1:
         raise ValueError("log_loss=True is defined for gamma=1 only")
     s = _stats(input, target, activation=activation, power=1, ignore_index=ignore_index, backend=backend)

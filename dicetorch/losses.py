@@ -1,8 +1,8 @@
 """Drop-in ``nn.Module`` losses; each forwards to its function in :mod:`dicetorch.functional`.
 
 All take ``(input, target)`` with input (N, C, *spatial) logits and target labels (N, *spatial) /
-(N, 1, *spatial) or a float tensor shaped like the input.  ``class_weights`` is kept as a buffer
-so that ``.to(device)`` moves it with the module.
+(N, 1, *spatial) or a float tensor shaped like the input.  ``class_weights`` is a persistent float64
+buffer: ``.to(device)`` moves it, ``state_dict`` saves it, ``.half()`` does not round it.
 """
 from __future__ import annotations
 
@@ -22,26 +22,41 @@ class _DiceBase(nn.Module):
 
     def __init__(self, class_weights=None, **kwargs):
         super().__init__()
-        self._kwargs = kwargs
-        if class_weights is not None:
-            class_weights = torch.as_tensor(class_weights, dtype=torch.float64)  # cast per call to the loss dtype
-            if class_weights.dim() != 1 or bool((class_weights < 0).any()):
-                raise ValueError(
-                    f"class_weights must be a 1-D sequence of non-negative numbers, got {class_weights.tolist()}"
-                )
-        self.register_buffer("class_weights", class_weights, persistent=False)
-        # Validate options now rather than at the first forward.
-        F._check_options(kwargs["smooth_nr"], kwargs["smooth_dr"], kwargs["reduction"])
+        # Validate (and normalize numpy / 0-dim tensor numbers) now rather than at the first forward.
+        kwargs["smooth_nr"], kwargs["smooth_dr"] = F._check_options(kwargs["smooth_nr"], kwargs["smooth_dr"],
+                                                                   kwargs["reduction"])
+        kwargs["ignore_index"] = ops.as_ignore_index(kwargs["ignore_index"])
         if kwargs["activation"] not in ops.ACTIVATIONS:
             raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {kwargs['activation']!r}")
         if kwargs["backend"] not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {kwargs['backend']!r}")
+        self._kwargs = kwargs
+        # float64 and persistent (saved in state_dict); cast to the loss dtype at use.
+        w = F.check_class_weights(class_weights)
+        self.register_buffer("class_weights", None if w is None else w.clone(), persistent=True)
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) would round the weights: move them to the new device, keep float64.
+        w = self.class_weights
+        super()._apply(fn, recurse)
+        if w is not None:
+            self.class_weights = w.to(device=self.class_weights.device)
+        return self
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return type(self)._fn(input, target, class_weights=self.class_weights, **self._kwargs)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._kwargs.items())
+        items = [f"{k}={v!r}" for k, v in self._kwargs.items()]
+        if self.class_weights is not None:
+            items.append(f"class_weights={self.class_weights.tolist()}")
+        return ", ".join(items)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"dicetorch.{type(self).__name__} cannot be compiled by torch.jit.script (its operator is a "
+            "Python custom op); use torch.compile, or torch.jit.trace / torch.export on the model with the loss"
+        )
 
 
 class DiceLoss(_DiceBase):
