@@ -10,7 +10,9 @@ extension compiles against the torch already installed::
 Environment:
     DICETORCH_CUDA        "0": CPU kernels only; "1": CUDA kernels required; unset: when possible
     CUDA_HOME             defaults to /usr/local/cuda when that exists
-    TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" when no GPU is visible
+    TORCH_CUDA_ARCH_LIST  defaults to DEFAULT_CUDA_ARCH_LIST when no GPU is visible (T4, Ampere/Ada,
+                          Hopper, Blackwell, and PTX of the newest for the driver to JIT on later
+                          GPUs); the list used is recorded in build/cuda_arch_list.txt
     DICETORCH_NO_EXT=1    build no extension at all (pure-Python install)
 
 The ptxas register/spill report of the CUDA kernels is written to build/ptxas_usage.txt.
@@ -22,6 +24,10 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PTXAS_LOG = os.path.join(ROOT, "build", "ptxas_usage.txt")
+ARCH_LOG = os.path.join(ROOT, "build", "cuda_arch_list.txt")
+# A cubin runs on its own major version only (sm_80 also on 8.6/8.9, sm_100 not on 12.x), so the
+# default reaches every family people train on; "+PTX" adds compute_120 PTX for newer GPUs.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0;10.0;12.0+PTX"
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda"):
     # torch otherwise guesses /usr/local from `which nvcc` and cannot find cudart
@@ -74,7 +80,7 @@ def _extension_build():
     kwargs = {}
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         sources.append("csrc/cuda/dice_cuda.cu")
         define_macros.append(("DICETORCH_WITH_CUDA", "1"))
         kwargs["extra_compile_args"] = {
@@ -111,6 +117,8 @@ def _extension_build():
             if not with_cuda:
                 return super().build_extensions()
             os.makedirs(os.path.dirname(PTXAS_LOG), exist_ok=True)
+            with open(ARCH_LOG, "w") as f:  # what tests/test_cuda_build.py compares the .so with
+                f.write(os.environ.get("TORCH_CUDA_ARCH_LIST", "") + "\n")
             log_path = PTXAS_LOG + ".build"
             # ninja writes the compilers' output to fd 1/2: capture it, then replay it
             sys.stdout.flush()

