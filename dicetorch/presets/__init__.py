@@ -47,6 +47,7 @@ from .keras import keras_dice, keras_generalized_dice_fixed, keras_generalized_d
 from .papers import mxnet_dice, tf_dice, vnet
 from .table import (  # noqa: F401 - the generator's paths and markers, used by the staleness test
     DOC_PATH, README_BEGIN, README_END, README_PATH, readme_with_table, which_dice_markdown)
+from .identification import Identification, identify
 from ._cli import _main  # noqa: F401 - `python -m dicetorch.presets`
 
 _sort_presets()
@@ -70,4 +71,6 @@ __all__ = [
     "keras_generalized_dice_seed",
     "keras_generalized_dice_fixed",
     "which_dice_markdown",
+    "identify",
+    "Identification",
 ]
