@@ -29,9 +29,15 @@ Conventions shared by all presets:
   ``sum |p - t| = P + T - 2 I``).  The presets check this; when it does not hold they compute that one
   sum in PyTorch (the docstrings say where).
 
+For a loss that is not here, :func:`identify` finds its choices from its values and gradients, builds
+the dicetorch loss (or the preset) that reproduces it and confirms that on fresh inputs
+(``python -m dicetorch.presets identify module:attr`` from the command line).
+
 Layout: one module per library reproduced (``matlab_layer``, ``monai``, ``smp``, ``nnunet``,
 ``kornia``, ``keras``, ``papers`` for the V-Net paper and the TensorFlow/MXNet posts), the metadata
-in ``_registry``, the generated pages in ``table`` and the command line in ``_cli``.
+in ``_registry``, the generated pages in ``table``, the command line in ``_cli``; ``identification``
+with ``_probe`` (crafted inputs, per-class gradients), ``_fit`` and ``_families`` (the model fits),
+``_describe``, ``_build`` and ``_match`` (the presets an identified loss equals).
 """
 from __future__ import annotations
 
