@@ -54,7 +54,7 @@ class AdaptedPreset(nn.Module):
 
 def as_labels(x: Tensor, t: Tensor) -> Tensor:
     """(N, *spatial) int64 labels from labels (N, *S), (N, 1, *S) or a one-hot target shaped like x."""
-    if t.is_floating_point() or t.shape == x.shape and x.shape[1] > 1:
+    if t.is_floating_point() or (t.shape == x.shape and x.shape[1] > 1):
         return t.argmax(1)
     if t.dim() == x.dim():
         t = t.squeeze(1)
