@@ -70,8 +70,8 @@ TRITON_ROLES = {"x_ptr": "logits", "out_ptr": "grad", "t_ptr": "target"}  # poin
 def triton_entry_points(tk, x, t, grad, spec):
     """direction -> call of the module's entry point on canonical (N, C, M) tensors."""
     return {
-        "fwd": lambda: tk.forward(x, t, spec.act, spec.q, 0 if spec.ignore else None),
-        "bwd": lambda: tk.backward(grad, x, t, spec.act, spec.q, 0 if spec.ignore else None),
+        "fwd": lambda: tk.forward(x, t, spec.act, spec.q, 255 if spec.ignore else None),
+        "bwd": lambda: tk.backward(grad, x, t, spec.act, spec.q, 255 if spec.ignore else None),
     }
 
 
