@@ -6,6 +6,9 @@
 //   fused_backward(grad, x, t, activation, power, ignore_index) -> dL/dx, shaped like x
 //       g = gI*t + gP*q*p^(q-1);  softmax: p*(g - sum_j p_j g_j);  sigmoid: g*p*(1-p);  none: g
 //
+// activation: "softmax" | "sigmoid" | "none", or the hard (forward-only) "argmax" | "threshold"
+// that make p a 0/1 prediction per pixel (dice_math.h); CPU kernels only for now.
+//
 // x is (N, C, M) float (fp16/bf16/fp32/fp64), any strides; t is (N, M) int32/int64/uint8 labels
 // or an (N, C, M) float target of x's dtype; p = activation(x) in fp32 (fp64 for fp64 input).
 // The Python module dicetorch._C itself is empty: the operators are reached through
@@ -33,7 +36,9 @@ int parse_activation(c10::string_view activation) {
   if (activation == "softmax") return kSoftmax;
   if (activation == "sigmoid") return kSigmoid;
   if (activation == "none") return kNone;
-  TORCH_CHECK(false, "dicetorch: activation must be 'softmax', 'sigmoid' or 'none', got '",
+  if (activation == "argmax") return kArgmax;
+  if (activation == "threshold") return kThreshold;
+  TORCH_CHECK(false, "dicetorch: activation must be 'softmax', 'sigmoid', 'none', 'argmax' or 'threshold', got '",
               std::string(activation), "'");
 }
 
@@ -69,6 +74,13 @@ DiceOptions check(const at::Tensor& x, const at::Tensor& t, c10::string_view act
   o.has_ignore = ignore_index.has_value();
   o.ignore_index = ignore_index.value_or(0);
   return o;
+}
+
+/// Hard activations are a step function of the input: there is no backward to compute.
+void check_differentiable(const DiceOptions& o) {
+  TORCH_CHECK(!is_hard_activation(o.activation), "dicetorch: the hard activation ",
+              o.activation == kArgmax ? "'argmax'" : "'threshold'",
+              " has no gradient; it is meant for evaluation. Train with 'softmax' or 'sigmoid'.");
 }
 
 void check_grad(const at::Tensor& grad, const at::Tensor& x) {
@@ -107,6 +119,7 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_vie
 at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
                         c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index) {
   const DiceOptions o = check(x, t, activation, power, ignore_index);
+  check_differentiable(o);
   check_grad(grad, x);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
   switch (cpu_cap()) {
@@ -122,6 +135,9 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
                         std::optional<int64_t> ignore_index) {
   const DiceOptions o = check(x, t, activation, power, ignore_index);
+  // The CUDA kernels do not implement the hard activations yet (dicetorch.ops picks another backend).
+  TORCH_CHECK(!is_hard_activation(o.activation), "dicetorch: the CUDA kernels do not implement activation='",
+              std::string(activation), "' yet; use backend='auto' or 'reference'");
   const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
   const int64_t nblocks = (M + kCudaChunk - 1) / kCudaChunk;
   const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
@@ -134,6 +150,7 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& t, c10::string_vi
 at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
                          c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index) {
   const DiceOptions o = check(x, t, activation, power, ignore_index);
+  check_differentiable(o);
   check_grad(grad, x);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
   // Gradient in x's layout (channels-last stays channels-last) when x is dense.

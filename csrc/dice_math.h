@@ -17,7 +17,22 @@
 namespace dicetorch {
 
 // Activation / power codes passed from the operator to the kernels.
-enum Activation : int { kSoftmax = 0, kSigmoid = 1, kNone = 2 };
+enum Activation : int { kSoftmax = 0, kSigmoid = 1, kNone = 2, kArgmax = 3, kThreshold = 4 };
+
+// Hard activations (forward only, no gradient: evaluation counts).  Per pixel, p is 0/1:
+//   kArgmax:    p_k = 1 for k = argmax_j x_j (torch.argmax: lowest index among equal maxima; the
+//               first NaN wins over any number; all -inf picks 0), 0 for the other channels;
+//   kThreshold: p_k = 1 where x_k > 0 (sigmoid(x_k) > 0.5), else 0 (NaN gives 0).
+DICE_HD bool is_hard_activation(int activation) { return activation == kArgmax || activation == kThreshold; }
+
+/// Running argmax over channels: whether channel value x replaces the current maximum ``best``
+/// (visit channels in increasing order, start from channel 0).  Only a strictly larger value
+/// does (ties keep the lowest index), and a NaN does unless ``best`` is already NaN.
+/// T: float/double (returns a truth value) or at::vec::Vectorized (returns a lane mask for blendv).
+template <typename T>
+DICE_HD auto argmax_takes(T x, T best) {
+  return (x > best) | ((x != x) & (best == best));
+}
 
 // Pixel codes produced by label_code().
 constexpr int kIgnored = -2;   // pixel excluded from every sum, zero gradient

@@ -59,6 +59,17 @@ def _check_options(smooth_nr, smooth_dr, reduction):
     return _number("smooth_nr", smooth_nr), _number("smooth_dr", smooth_dr)
 
 
+def _check_loss_activation(activation: str) -> None:
+    """Losses need a differentiable activation; the hard ones are for evaluation."""
+    if activation in ops.HARD_ACTIVATIONS:
+        raise ValueError(
+            f"activation={activation!r} is a hard (0/1) prediction with no gradient: a loss cannot train with it. "
+            "Use 'softmax' or 'sigmoid' for losses, and the hard activations for evaluation "
+            "(dicetorch.dice_score, dicetorch.metrics)")
+    if activation not in ops.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
+
+
 def _stats(input, target, *, activation, power, ignore_index, backend) -> Tensor:
     """Validated call of the operator; returns (N, 3, C)."""
     ignore_index = ops.as_ignore_index(ignore_index)
@@ -172,6 +183,7 @@ def dice_loss(
         A scalar, or the unreduced losses.
     """
     smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
+    _check_loss_activation(activation)
     s = _stats(input, target, activation=activation, power=2 if squared else 1,
                ignore_index=ignore_index, backend=backend)
     if batch:
@@ -204,17 +216,15 @@ def dice_score(
     """Dice coefficient per image and class, (N, C) ((C,) with ``batch=True``).
 
     ``dice = (2 I + smooth_nr) / (P + T + smooth_dr)``.  With ``hard=True`` the prediction is first
-    made one-hot (argmax for softmax; ``> 0.5`` after sigmoid / as given), the usual evaluation metric.
+    made 0/1, the usual evaluation metric: the argmax over channels for softmax and ``sigmoid > 0.5``
+    (``input > 0``) for sigmoid, both fused in the operator (``activation="argmax"`` /
+    ``"threshold"``, which may also be passed directly); ``input > 0.5`` for ``activation="none"``.
     """
     if hard:
-        dtype = input.dtype  # the score keeps the input's precision (float64 stays float64)
-        with torch.no_grad():
-            if activation == "softmax":
-                ops.check_inputs(input, target, activation, 1, ops.as_ignore_index(ignore_index))
-                input = torch.nn.functional.one_hot(input.argmax(1), input.shape[1]).movedim(-1, 1)
-            else:
-                input = (torch.sigmoid(input) if activation == "sigmoid" else input) > 0.5
-            input, activation = input.to(dtype), "none"
+        activation = {"softmax": "argmax", "sigmoid": "threshold"}.get(activation, activation)
+        if activation == "none":
+            with torch.no_grad():
+                input = (input > 0.5).to(input.dtype)  # keeps the input's precision
     smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, "none")
     s = _stats(input, target, activation=activation, power=2 if squared else 1,
                ignore_index=ignore_index, backend=backend)
@@ -261,6 +271,7 @@ def generalized_dice_loss(
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if absent_weight not in ABSENT:
         raise ValueError(f"absent_weight must be one of {ABSENT}, got {absent_weight!r}")
+    _check_loss_activation(activation)
     power = 2 if squared else 1
     s = _stats(input, target, activation=activation, power=power, ignore_index=ignore_index, backend=backend)
     vol = s[:, 2]
@@ -327,6 +338,7 @@ def tversky_loss(
     gamma = _number("gamma", gamma, positive=True)  # gamma = 0 would make the loss constant
     if log_loss and gamma != 1:
         raise ValueError("log_loss=True is defined for gamma=1 only")
+    _check_loss_activation(activation)
     s = _stats(input, target, activation=activation, power=1, ignore_index=ignore_index, backend=backend)
     if batch:
         s = s.sum(0, keepdim=True)

@@ -26,8 +26,7 @@ class _DiceBase(nn.Module):
         kwargs["smooth_nr"], kwargs["smooth_dr"] = F._check_options(kwargs["smooth_nr"], kwargs["smooth_dr"],
                                                                    kwargs["reduction"])
         kwargs["ignore_index"] = ops.as_ignore_index(kwargs["ignore_index"])
-        if kwargs["activation"] not in ops.ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {kwargs['activation']!r}")
+        F._check_loss_activation(kwargs["activation"])
         if kwargs["backend"] not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {kwargs['backend']!r}")
         self._kwargs = kwargs

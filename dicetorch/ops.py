@@ -16,6 +16,12 @@ backend        implementation
                CPU tensors: "cpu", else "reference"
 =============  ==========================================================================
 
+Hard activations ("argmax", "threshold"; see :mod:`dicetorch.reference`) turn the operator into an
+evaluation counter: p is a 0/1 prediction made per pixel inside the kernel (no argmax or one-hot
+tensor is materialized), so (I, P, T) are the hard intersection and volumes; the result never
+requires grad.  The backends that compute them are listed by :func:`hard_activation_backends`
+("reference" and "cpu" today; a Triton module declares its own in ``HARD_ACTIVATIONS``).
+
 Every backend implements the same two functions on the canonical layout (see
 :mod:`dicetorch.reference`): ``forward(input (N,C,M), target, activation, power, ignore_index)
 -> (N,3,C)`` and ``backward(grad (N,3,C), input, target, activation, power, ignore_index) ->
@@ -35,12 +41,12 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import reference
-from .reference import acc_dtype
+from .reference import HARD_ACTIVATIONS, acc_dtype
 
-__all__ = ["dice_stats", "dice_stats_op", "dice_stats_backward", "as_ignore_index", "available_backends", "resolve_backend", "check_target_values", "extension_info",
+__all__ = ["dice_stats", "HARD_ACTIVATIONS", "hard_activation_backends", "supports_hard_activation", "dice_stats_op", "dice_stats_backward", "as_ignore_index", "available_backends", "resolve_backend", "check_target_values", "extension_info",
            "BackendUnavailableError"]
 
-ACTIVATIONS = ("softmax", "sigmoid", "none")
+ACTIVATIONS = ("softmax", "sigmoid", "none")  # differentiable; HARD_ACTIVATIONS are evaluation-only
 BACKENDS = ("auto", "reference", "triton", "cpu", "cuda")
 
 
@@ -129,14 +135,45 @@ def available_backends(device: torch.device | str = "cpu") -> list:
     return out
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``backend`` (possibly "auto") into a concrete backend usable on ``device``."""
+# Backends whose kernels compute the hard activations.  The Triton module declares its own support in
+# a module attribute ``HARD_ACTIVATIONS`` (a tuple of the names it implements); the CUDA extension
+# joins this set when its kernels implement them (csrc/dice.cpp refuses them until then).
+_HARD_KERNELS = frozenset({"reference", "cpu"})
+
+
+def supports_hard_activation(backend: str, activation: str = "argmax") -> bool:
+    """Whether ``backend`` computes the hard ``activation`` ("argmax" / "threshold") itself."""
+    if backend == "triton":
+        module = _triton_module()
+        return module is not None and activation in getattr(module, "HARD_ACTIVATIONS", ())
+    return backend in _HARD_KERNELS
+
+
+def hard_activation_backends(device: torch.device | str = "cpu", activation: str = "argmax") -> list:
+    """Backends available for ``device`` that compute the hard ``activation`` (see :data:`HARD_ACTIVATIONS`)."""
+    return [b for b in available_backends(device) if supports_hard_activation(b, activation)]
+
+
+def resolve_backend(backend: str, device: torch.device, activation: Optional[str] = None) -> str:
+    """Turn ``backend`` (possibly "auto") into a concrete backend usable on ``device``.
+
+    With a hard ``activation``, "auto" picks the fastest backend that implements it (the reference
+    where no kernel does), and a named backend that does not implement it raises
+    :class:`BackendUnavailableError`.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     avail = available_backends(device)
+    hard = activation in HARD_ACTIVATIONS
     if backend == "auto":
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-        return next((b for b in order if b in avail), "reference")
+        return next((b for b in order if b in avail and (not hard or supports_hard_activation(b, activation))),
+                    "reference")
+    if hard and backend in avail and not supports_hard_activation(backend, activation):
+        raise BackendUnavailableError(
+            f"backend={backend!r} does not implement the hard activation {activation!r} yet; backends that do "
+            f"for {device.type} tensors: {hard_activation_backends(device, activation)} (backend='auto' picks one)"
+        )
     if backend not in avail:
         why = {
             "triton": "needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and an importable triton",
@@ -164,8 +201,8 @@ def check_inputs(input: Tensor, target: Tensor, activation: str, power: int, ign
     """Shape/dtype/option checks that need no data (safe under torch.compile)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("input and target must be torch.Tensor")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS and activation not in HARD_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS + HARD_ACTIVATIONS}, got {activation!r}")
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power!r}")
     if not input.is_floating_point():
@@ -175,10 +212,11 @@ def check_inputs(input: Tensor, target: Tensor, activation: str, power: int, ign
     n, c = input.shape[0], input.shape[1]
     if n == 0 or input.numel() == 0:
         raise ValueError(f"input must be non-empty (N, C, *spatial), got shape {tuple(input.shape)}")
-    if activation == "softmax" and c == 1:
+    if activation in ("softmax", "argmax") and c == 1:
         raise ValueError(
-            "activation='softmax' needs C >= 2 channels (softmax over one channel is constant 1); "
-            "use activation='sigmoid' for binary segmentation with C == 1"
+            f"activation={activation!r} needs C >= 2 channels (over one channel it is constant 1); "
+            f"use activation={'sigmoid' if activation == 'softmax' else 'threshold'!r} for binary "
+            "segmentation with C == 1"
         )
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
@@ -336,7 +374,10 @@ def dice_stats(
             contiguous, channels-last or any other strides.
         target: integer labels (N, *spatial) or (N, 1, *spatial); or a float/bool target shaped like
             ``input`` (one-hot or soft).  With C == 1, label 1 is the foreground.
-        activation: "softmax" (over C), "sigmoid" or "none".
+        activation: "softmax" (over C), "sigmoid" or "none"; or a hard activation for evaluation:
+            "argmax" (p = one-hot of the argmax over C, torch.argmax's ties and NaN rules) or
+            "threshold" (p = 1 where input > 0, i.e. sigmoid(input) > 0.5).  With a hard activation
+            the result never requires grad.
         power: q in {1, 2}; 2 gives the squared (V-Net) volumes.
         ignore_index: label value whose pixels count nowhere (integer targets only).
         backend: "auto" | "reference" | "triton" | "cpu" | "cuda".
@@ -354,6 +395,8 @@ def dice_stats(
     """
     ignore_index = as_ignore_index(ignore_index)
     check_inputs(input, target, activation, power, ignore_index)
+    if activation in HARD_ACTIVATIONS:
+        input = input.detach()  # a step function: no gradient, and the result never requires grad
     if _needs_reference(input, target):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -377,7 +420,7 @@ def dice_stats_op(
     """The custom operator behind :func:`dice_stats` (same arguments, no defaults, no coercion)."""
     check_inputs(input, target, activation, power, ignore_index)
     x, t = canonical(input, target)
-    return _impl(resolve_backend(backend, input.device)).forward(x, t, activation, power, ignore_index)
+    return _impl(resolve_backend(backend, input.device, activation)).forward(x, t, activation, power, ignore_index)
 
 
 @dice_stats_op.register_fake
@@ -412,6 +455,8 @@ def dice_stats_backward(
     backend: str,
 ) -> Tensor:
     """Input gradient of :func:`dice_stats` for ``grad`` = dL/dstats (N, 3, C); like ``torch.empty_like(input)``."""
+    if activation in HARD_ACTIVATIONS:
+        raise RuntimeError(reference.hard_backward_message(activation))
     x, t = canonical(input, target)
     g = _impl(resolve_backend(backend, input.device)).backward(
         grad.contiguous(), x, t, activation, power, ignore_index
@@ -437,6 +482,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, target = ctx.saved_tensors
     grad_input = None
+    if ctx.needs_input_grad[0] and ctx.args[0] in HARD_ACTIVATIONS:
+        raise RuntimeError(reference.hard_backward_message(ctx.args[0]))
     if ctx.needs_input_grad[0]:
         if torch.is_grad_enabled():
             # create_graph=True (double backward): the reference backward is plain PyTorch, so

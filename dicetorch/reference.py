@@ -9,6 +9,14 @@ Label semantics (shared by all backends): channel ``k`` matches label value ``k`
 single channel matches label value 1 (binary segmentation).  Labels are *compared* with channel
 indices, never used as addresses, so an out-of-range label simply matches no channel.  Pixels whose
 label equals ``ignore_index`` are left out of every sum and receive zero gradient.
+
+Hard activations (evaluation only, no gradient) make p a 0/1 prediction per element:
+
+* "argmax":    p[k] = 1 for the channel k = torch.argmax(x, dim=1) of the pixel, 0 for the others.
+  torch.argmax's rules: the lowest index among equal maxima; a NaN counts as the largest value, so
+  the first NaN channel of a pixel wins; a pixel of all -inf (or all +inf) picks channel 0.
+* "threshold": p[k] = 1 where x[k] > 0, i.e. sigmoid(x) > 0.5 (multi-label), else 0; NaN gives 0
+  (``torch.sigmoid(nan) > 0.5`` is False).
 """
 from __future__ import annotations
 
@@ -17,7 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["activate", "one_hot", "keep_mask", "dice_stats_reference", "dice_stats_backward_reference", "acc_dtype"]
+__all__ = ["HARD_ACTIVATIONS", "activate", "one_hot", "keep_mask", "dice_stats_reference", "dice_stats_backward_reference", "acc_dtype"]
+
+
+HARD_ACTIVATIONS = ("argmax", "threshold")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +37,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def activate(x: Tensor, activation: str) -> Tensor:
-    """Apply ``activation`` ("softmax" over dim 1, "sigmoid", "none") in the accumulation dtype."""
+    """Apply ``activation`` ("softmax" over dim 1, "sigmoid", "none"; hard: "argmax", "threshold")
+    in the accumulation dtype."""
+    if activation == "argmax":
+        classes = torch.arange(x.shape[1], device=x.device).view(1, -1, *([1] * (x.dim() - 2)))
+        return (x.argmax(1, keepdim=True) == classes).to(acc_dtype(x.dtype))
+    if activation == "threshold":
+        return (x > 0).to(acc_dtype(x.dtype))
     x = x.to(acc_dtype(x.dtype))
     if activation == "softmax":
         return torch.softmax(x, dim=1)
@@ -79,7 +96,10 @@ def dice_stats_reference(
         stats[:, 2] = T = sum_m t ** power
 
     with ``p = activation(input)`` and ignored pixels excluded (their values never enter a sum).
+    A hard activation ("argmax", "threshold") gives 0/1 values of p and a result without gradient.
     """
+    if activation in HARD_ACTIVATIONS:
+        input = input.detach()
     x, t, keep = _prepared(input, target, ignore_index)
     p = activate(x, activation)
     if keep is not None:
@@ -87,6 +107,12 @@ def dice_stats_reference(
     pq = p if power == 1 else p * p
     tq = t if power == 1 else t * t
     return torch.stack([(p * t).sum(-1), pq.sum(-1), tq.sum(-1)], dim=1)
+
+
+def hard_backward_message(activation: str) -> str:
+    """The error every backend raises when the backward of a hard activation is asked for."""
+    return (f"dicetorch: activation={activation!r} is a hard (0/1) prediction with no gradient; it is meant "
+            "for evaluation (dicetorch.dice_score, dicetorch.metrics). Train with 'softmax' or 'sigmoid'.")
 
 
 def dice_stats_backward_reference(
@@ -102,8 +128,11 @@ def dice_stats_backward_reference(
               = g                           (none)
 
     and exactly zero on ignored pixels, whatever ``grad`` holds.  Returns a tensor shaped and typed
-    like ``input``.  Autograd differentiates it (double backward).
+    like ``input``.  Autograd differentiates it (double backward).  Hard activations have no gradient:
+    they raise.
     """
+    if activation in HARD_ACTIVATIONS:
+        raise RuntimeError(hard_backward_message(activation))
     x, t, keep = _prepared(input, target, ignore_index)
     p = activate(x, activation)
     g_i = grad[:, 0].to(p.dtype).unsqueeze(-1)

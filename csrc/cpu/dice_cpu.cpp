@@ -159,7 +159,8 @@ void chunk_codes(const tgt_t* labels, int64_t stride, int64_t m_begin, int64_t m
   std::fill(codes + len, codes + padded, acc_t(kIgnored));
 }
 
-/// In place: x (C rows of V lanes) -> p = activation(x), each exp computed once.
+/// In place: x (C rows of V lanes) -> p = activation(x), each exp computed once; hard activations
+/// write 0/1 (argmax over the channels of each lane, or x > 0).
 template <typename acc_t>
 inline void activate_tile(acc_t* buf, int64_t C, int activation) {
   using Vec = Vectorized<acc_t>;
@@ -179,6 +180,18 @@ inline void activate_tile(acc_t* buf, int64_t C, int activation) {
     for (int64_t k = 0; k < C; ++k) {
       sigmoid_from_exp(vexp(Vec::loadu(buf + k * V).neg())).store(buf + k * V);
     }
+  } else if (activation == kArgmax) {
+    // per lane: the running maximum and its channel index (as acc_t, exact for any C < 2^24)
+    Vec best = Vec::loadu(buf), idx(acc_t(0));
+    for (int64_t k = 1; k < C; ++k) {
+      const Vec x = Vec::loadu(buf + k * V);
+      const Vec take = argmax_takes(x, best);
+      best = Vec::blendv(best, x, take);
+      idx = Vec::blendv(idx, Vec(acc_t(k)), take);
+    }
+    for (int64_t k = 0; k < C; ++k) idx.eq(Vec(acc_t(k))).store(buf + k * V);  // 1.0 / 0.0
+  } else if (activation == kThreshold) {
+    for (int64_t k = 0; k < C; ++k) Vec::loadu(buf + k * V).gt(Vec(acc_t(0))).store(buf + k * V);  // NaN: 0
   }
 }
 
