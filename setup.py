@@ -162,8 +162,11 @@ setup(
         "test": [
             "pytest", "pytest-xdist", "hypothesis", "expecttest", "tqdm", "matplotlib",
             "monai==1.6.1", "segmentation-models-pytorch==0.6.0", "kornia==0.9.0", "scikit-learn",
+            "torchmetrics==1.9.0",  # dicetorch.metrics is tested value for value against this release
         ],
-        "examples": ["tqdm", "matplotlib", "scikit-learn"],
+        # dicetorch.metrics (DiceScore, GeneralizedDiceScore, MeanIoU on torchmetrics.Metric)
+        "metrics": ["torchmetrics>=1.9,<2"],
+        "examples": ["tqdm", "matplotlib", "scikit-learn", "torchmetrics>=1.9,<2"],
         "bench": ["monai==1.6.1", "segmentation-models-pytorch==0.6.0", "psutil"],
     },
     ext_modules=ext_modules,
