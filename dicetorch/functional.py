@@ -10,6 +10,11 @@ O(N*C) formula; autograd carries the gradient back into the operator's hand-deri
 Shapes: ``input`` is (N, C, *spatial) with any number of spatial dims (0 to 3+); ``target`` is
 integer labels (N, *spatial) or (N, 1, *spatial), or a float/bool tensor shaped like ``input``
 (one-hot or soft).  With C == 1, label 1 is the foreground.
+
+Data-parallel training: with ``batch=True, distributed=True`` the batch-summed stats (and every
+count a loss normalizes by) are all-reduced over the process group (:func:`batch_sums`), so every
+rank computes the loss of the whole global batch, and DDP's gradient averaging yields exactly the
+gradient of single-process training on the concatenated batch.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "dice_score"]
+__all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "dice_score", "batch_sums", "check_distributed"]
 
 Weights = Optional[Union[Tensor, Sequence[float]]]
 REDUCTIONS = ("mean", "sum", "none")
@@ -68,6 +73,86 @@ def _check_loss_activation(activation: str) -> None:
             "(dicetorch.dice_score, dicetorch.metrics)")
     if activation not in ops.ACTIVATIONS:
         raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# data-parallel training: global batch sums
+# ----------------------------------------------------------------------------------------------
+def check_distributed(distributed: bool, batch: bool, process_group=None) -> None:
+    """Refuse ``distributed=True`` where it cannot mean what it says (raises ValueError).
+
+    It needs ``batch=True`` (only whole-batch sums are shared between ranks: a per-image loss is
+    local to its images) and an initialized ``torch.distributed`` process group.
+    """
+    if not distributed:
+        if process_group is not None:
+            raise ValueError("process_group is used only with distributed=True")
+        return
+    if not batch:
+        raise ValueError(
+            "distributed=True needs batch=True: it all-reduces the whole-batch sums (I, P, T) so that every "
+            "rank computes the Dice of the global batch; a per-image loss (batch=False) has nothing to share "
+            "between ranks")
+    if not _dist_ready():
+        raise ValueError(
+            "distributed=True needs an initialized torch.distributed process group (call "
+            "torch.distributed.init_process_group, e.g. in a script launched by torchrun); "
+            "without one, use distributed=False")
+
+
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce_sum(x: Tensor, process_group) -> Tensor:
+    """Differentiable sum of ``x`` over the ranks of ``process_group`` (None: the world).
+
+    Backward all-reduces the incoming gradient (a sum over ranks), as a sum's derivative must: each
+    rank's stats feed the loss of every rank.  Uses the functional collective where it carries a
+    gradient (torch >= 2.14, also traceable by torch.compile), else
+    ``torch.distributed.nn.functional.all_reduce`` (deprecated from torch 2.14 on).
+    """
+    import torch.distributed as dist
+
+    group = dist.group.WORLD if process_group is None else process_group
+    fc = _functional_collectives()
+    if fc is not None:
+        return fc.all_reduce(x, "sum", group)
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+
+
+def _functional_collectives():
+    try:
+        import torch.distributed._functional_collectives as fc
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return fc if hasattr(fc, "all_reduce_backward") else None  # autograd support: torch >= 2.14
+
+
+def batch_sums(*tensors: Tensor, distributed: bool = False, process_group=None) -> list:
+    """Each (N, ...) tensor summed over the batch (dim 0, kept), and with ``distributed`` over all ranks.
+
+    The stats of a batch loss and any counts it normalizes by go in together: with ``distributed``
+    they travel in one all-reduce (cast to the first tensor's dtype).  The all-reduce is
+    differentiable (its backward sums the gradients of all ranks), so a loss computed from the result
+    is the same on every rank and its gradient, averaged over ranks by DDP, is exactly the gradient of
+    that loss on the concatenated batch: each rank's stats receive W times the shared gradient, which
+    DDP's division by W cancels (no loss scaling is needed, for any per-rank batch sizes).
+    """
+    sums = [t.sum(0, keepdim=True) for t in tensors]
+    if not distributed:
+        return sums
+    dtype = sums[0].dtype
+    flat = _all_reduce_sum(torch.cat([t.reshape(-1).to(dtype) for t in sums]), process_group)
+    out, start = [], 0
+    for t in sums:
+        out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
 
 
 def _stats(input, target, *, activation, power, ignore_index, backend) -> Tensor:
@@ -162,6 +247,8 @@ def dice_loss(
     log_loss: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    distributed: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Soft Dice loss, one ratio per image and class.
 
@@ -178,16 +265,20 @@ def dice_loss(
         squared: use q = 2 (sum p^2 + sum t^2 in the denominator, V-Net).
         class_weights: length C (or C-1 without background); the loss of class k is multiplied by it.
         reduction: "mean" / "sum" over the (N, C) losses, or "none" returning (N, C) ((C,) with batch).
+        distributed: with ``batch=True``, sum the stats over all ranks of ``process_group`` (default:
+            the world) before the ratio: every rank gets the loss of the global batch (see
+            :func:`batch_sums`).
 
     Returns:
         A scalar, or the unreduced losses.
     """
     smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
     _check_loss_activation(activation)
+    check_distributed(distributed, batch, process_group)
     s = _stats(input, target, activation=activation, power=2 if squared else 1,
                ignore_index=ignore_index, backend=backend)
     if batch:
-        s = s.sum(0, keepdim=True)
+        (s,) = batch_sums(s, distributed=distributed, process_group=process_group)
     s = _class_slice(s, include_background)
     i, p, t = s.unbind(1)
     loss = _ratio_to_loss((2.0 * i + smooth_nr) / (p + t + smooth_dr), log_loss)
@@ -252,6 +343,8 @@ def generalized_dice_loss(
     weighting: str = "square",
     absent_weight: str = "max",
     backend: str = "auto",
+    distributed: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Generalized Dice loss (Sudre et al. 2017): one ratio per image over all classes.
 
@@ -265,6 +358,8 @@ def generalized_dice_loss(
     A class absent from an image (V = 0) gets, with ``absent_weight="max"``, the largest finite weight
     of that image (MONAI's rule; with ``batch=True``, of the batch), or 0 with ``"zero"``.  The weights
     are constants for autograd.  ``reduction="none"`` returns (N,) (a 0-dim tensor with ``batch``).
+    With ``batch=True, distributed=True`` the sums and the volumes are global (all ranks of
+    ``process_group``): the weights and the absent-class rule use the volumes of the global batch.
     """
     smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
     if weighting not in WEIGHTINGS:
@@ -272,14 +367,19 @@ def generalized_dice_loss(
     if absent_weight not in ABSENT:
         raise ValueError(f"absent_weight must be one of {ABSENT}, got {absent_weight!r}")
     _check_loss_activation(activation)
+    check_distributed(distributed, batch, process_group)
     power = 2 if squared else 1
     s = _stats(input, target, activation=activation, power=power, ignore_index=ignore_index, backend=backend)
-    vol = s[:, 2]
+    vol = None
     if power == 2 and target.is_floating_point():
         # soft targets: sum t != sum t^2, and the weights are defined on the linear volume
         vol = target.detach().to(s.dtype).reshape(s.shape[0], s.shape[2], -1).sum(-1)  # also 0 spatial dims
     if batch:
-        s, vol = s.sum(0, keepdim=True), vol.sum(0, keepdim=True)
+        s, *rest = batch_sums(s, *([] if vol is None else [vol]), distributed=distributed,
+                              process_group=process_group)
+        vol = rest[0] if rest else None
+    if vol is None:
+        vol = s[:, 2]
     s = _class_slice(s, include_background)
     vol = _class_slice(vol, include_background).detach()
     i, p, t = s.unbind(1)
@@ -319,6 +419,8 @@ def tversky_loss(
     log_loss: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
+    distributed: bool = False,
+    process_group=None,
 ) -> Tensor:
     """Tversky loss (and focal Tversky with ``gamma``), one index per image and class.
 
@@ -329,7 +431,7 @@ def tversky_loss(
         loss[n,k] = w[k] * (1 - ti)^gamma                    (or -w[k] log(ti) with log_loss)
 
     alpha = beta = 0.5 is Dice, alpha = beta = 1 is Jaccard (IoU); alpha weighs false positives.
-    Shapes and ``reduction`` as in :func:`dice_loss`.
+    Shapes, ``reduction`` and ``distributed`` as in :func:`dice_loss`.
     """
     smooth_nr, smooth_dr = _check_options(smooth_nr, smooth_dr, reduction)
     alpha, beta = _number("alpha", alpha), _number("beta", beta)
@@ -339,9 +441,10 @@ def tversky_loss(
     if log_loss and gamma != 1:
         raise ValueError("log_loss=True is defined for gamma=1 only")
     _check_loss_activation(activation)
+    check_distributed(distributed, batch, process_group)
     s = _stats(input, target, activation=activation, power=1, ignore_index=ignore_index, backend=backend)
     if batch:
-        s = s.sum(0, keepdim=True)
+        (s,) = batch_sums(s, distributed=distributed, process_group=process_group)
     s = _class_slice(s, include_background)
     i, p, t = s.unbind(1)
     ti = (i + smooth_nr) / (i + alpha * (p - i) + beta * (t - i) + smooth_dr)

@@ -3,6 +3,10 @@
 All take ``(input, target)`` with input (N, C, *spatial) logits and target labels (N, *spatial) /
 (N, 1, *spatial) or a float tensor shaped like the input.  ``class_weights`` is a persistent float64
 buffer: ``.to(device)`` moves it, ``state_dict`` saves it, ``.half()`` does not round it.
+
+``distributed=True`` (with ``batch=True``) makes the loss global in data-parallel training: the
+batch-summed stats are all-reduced over ``process_group`` (default: the world), see
+:func:`dicetorch.functional.batch_sums`.
 """
 from __future__ import annotations
 
@@ -20,13 +24,18 @@ __all__ = ["DiceLoss", "GeneralizedDiceLoss", "TverskyLoss"]
 class _DiceBase(nn.Module):
     _fn = None  # the functional form
 
-    def __init__(self, class_weights=None, **kwargs):
+    def __init__(self, class_weights=None, process_group=None, **kwargs):
         super().__init__()
         # Validate (and normalize numpy / 0-dim tensor numbers) now rather than at the first forward.
         kwargs["smooth_nr"], kwargs["smooth_dr"] = F._check_options(kwargs["smooth_nr"], kwargs["smooth_dr"],
                                                                    kwargs["reduction"])
         kwargs["ignore_index"] = ops.as_ignore_index(kwargs["ignore_index"])
         F._check_loss_activation(kwargs["activation"])
+        if kwargs["distributed"] and not kwargs["batch"]:
+            F.check_distributed(True, False)  # raises; the process group is looked for at call time
+        if process_group is not None and not kwargs["distributed"]:
+            raise ValueError("process_group is used only with distributed=True")
+        self.process_group = process_group
         if kwargs["backend"] not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {ops.BACKENDS}, got {kwargs['backend']!r}")
         self._kwargs = kwargs
@@ -43,6 +52,9 @@ class _DiceBase(nn.Module):
         return self
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.process_group is not None:
+            return type(self)._fn(input, target, class_weights=self.class_weights, process_group=self.process_group,
+                                  **self._kwargs)
         return type(self)._fn(input, target, class_weights=self.class_weights, **self._kwargs)
 
     def extra_repr(self) -> str:
@@ -74,10 +86,11 @@ class DiceLoss(_DiceBase):
     def __init__(self, *, activation: str = "softmax", squared: bool = False, smooth_nr: float = 1e-5,
                  smooth_dr: float = 1e-5, batch: bool = False, include_background: bool = True,
                  ignore_index: Optional[int] = None, class_weights=None, log_loss: bool = False,
-                 reduction: str = "mean", backend: str = "auto"):
-        super().__init__(class_weights, activation=activation, squared=squared, smooth_nr=smooth_nr,
+                 reduction: str = "mean", backend: str = "auto", distributed: bool = False, process_group=None):
+        super().__init__(class_weights, process_group, activation=activation, squared=squared, smooth_nr=smooth_nr,
                          smooth_dr=smooth_dr, batch=batch, include_background=include_background,
-                         ignore_index=ignore_index, log_loss=log_loss, reduction=reduction, backend=backend)
+                         ignore_index=ignore_index, log_loss=log_loss, reduction=reduction, backend=backend,
+                         distributed=distributed)
 
 
 class GeneralizedDiceLoss(_DiceBase):
@@ -93,15 +106,15 @@ class GeneralizedDiceLoss(_DiceBase):
                  smooth_dr: float = 1e-5, batch: bool = False, include_background: bool = True,
                  ignore_index: Optional[int] = None, class_weights=None, log_loss: bool = False,
                  reduction: str = "mean", weighting: str = "square", absent_weight: str = "max",
-                 backend: str = "auto"):
+                 backend: str = "auto", distributed: bool = False, process_group=None):
         if weighting not in F.WEIGHTINGS:
             raise ValueError(f"weighting must be one of {F.WEIGHTINGS}, got {weighting!r}")
         if absent_weight not in F.ABSENT:
             raise ValueError(f"absent_weight must be one of {F.ABSENT}, got {absent_weight!r}")
-        super().__init__(class_weights, activation=activation, squared=squared, smooth_nr=smooth_nr,
+        super().__init__(class_weights, process_group, activation=activation, squared=squared, smooth_nr=smooth_nr,
                          smooth_dr=smooth_dr, batch=batch, include_background=include_background,
                          ignore_index=ignore_index, log_loss=log_loss, reduction=reduction,
-                         weighting=weighting, absent_weight=absent_weight, backend=backend)
+                         weighting=weighting, absent_weight=absent_weight, backend=backend, distributed=distributed)
 
 
 class TverskyLoss(_DiceBase):
@@ -116,8 +129,9 @@ class TverskyLoss(_DiceBase):
     def __init__(self, *, activation: str = "softmax", alpha: float = 0.5, beta: float = 0.5,
                  gamma: float = 1.0, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
                  include_background: bool = True, ignore_index: Optional[int] = None, class_weights=None,
-                 log_loss: bool = False, reduction: str = "mean", backend: str = "auto"):
-        super().__init__(class_weights, activation=activation, alpha=alpha, beta=beta, gamma=gamma,
+                 log_loss: bool = False, reduction: str = "mean", backend: str = "auto",
+                 distributed: bool = False, process_group=None):
+        super().__init__(class_weights, process_group, activation=activation, alpha=alpha, beta=beta, gamma=gamma,
                          smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch,
                          include_background=include_background, ignore_index=ignore_index,
-                         log_loss=log_loss, reduction=reduction, backend=backend)
+                         log_loss=log_loss, reduction=reduction, backend=backend, distributed=distributed)

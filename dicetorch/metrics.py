@@ -141,10 +141,12 @@ def _sides(preds: Tensor, target: Tensor, fmt: str):
 def _check_labels(x: Tensor, c: int, what: str, ignore_index: Optional[int] = None) -> None:
     if torch.compiler.is_compiling() or x.numel() == 0:
         return
-    bad = (x < 0) | (x >= c)
-    if ignore_index is not None:
-        bad &= x.long() != ignore_index
-    ops._data_check(bad.any(), lambda on_device=False: f"{what} labels must lie in [0, {c - 1}] for {c} classes"
+    if ignore_index is None:
+        lo, hi = torch.aminmax(x.reshape(-1))  # one pass
+        bad = (lo < 0) | (hi >= c)
+    else:
+        bad = (((x < 0) | (x >= c)) & (x.long() != ignore_index)).any()
+    ops._data_check(bad, lambda on_device=False: f"{what} labels must lie in [0, {c - 1}] for {c} classes"
                     + ("" if ignore_index is None else f" (besides ignore_index={ignore_index})"))
 
 
