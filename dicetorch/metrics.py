@@ -404,6 +404,9 @@ class MeanIoU(_HardMetric):
         self._has_states = False
         if num_classes is not None:
             self._add_states(num_classes, lazy=False)
+        else:  # placeholders until the first update knows C (forward() merges the batch state into them)
+            self.add_state("score", default=torch.zeros(1), dist_reduce_fx="sum")
+            self.add_state("num_batches", default=torch.zeros(1), dist_reduce_fx="sum")
 
     def _add_states(self, num_classes: int, lazy: bool) -> None:
         # torchmetrics' state shapes, which the result depends on to the last bit: without per_class the

@@ -148,6 +148,20 @@ def test_logits_nan_inf_ties_channels_last(kind):
         assert_same(run(b, data), run(a, data))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_equals_torchmetrics(kind):
+    """forward(): the batch value, and the accumulated state, update after update."""
+    c = 4
+    data = batches(c, spatial=(6, 7), sizes=(3, 2, 1), seed=9)
+    for args in ARGS[kind]:
+        a, b = make_pair(kind, args, c, "logits")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for x, y in data:
+                assert_same(b(x, y), a(x, y))
+            assert_same(b.compute(), a.compute())
+
+
 def kept_pixels(x, y, ignore):
     """Per image: (1, C, K, 1) logits and (1, K, 1) labels of the counted pixels only (3-D labels:
     MeanIoU reads 2-D label input as one (H, W) image)."""
