@@ -25,6 +25,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "dice.h"
 #include "dice_math.h"
@@ -182,6 +183,41 @@ at::Tensor softmax_normaliser_cpu(const at::Tensor& x_in) {
   return out;
 }
 
+/// The same normaliser with each row's channels dealt round-robin to `lanes` lanes (a power of two),
+/// each lane running the online update over its channels, then the lanes combined by the xor
+/// butterfly of online_softmax_merge that the CUDA kernels run across warp lanes: exposes the merge
+/// to the CPU test suite.  Returns lane 0's (m, s) per row.
+at::Tensor softmax_normaliser_lanes_cpu(const at::Tensor& x_in, int64_t lanes) {
+  TORCH_CHECK(x_in.dim() == 2, "dicetorch: _softmax_normaliser_lanes expects a 2-D tensor, got ", x_in.sizes());
+  TORCH_CHECK(lanes >= 1 && lanes <= 1024 && (lanes & (lanes - 1)) == 0,
+              "dicetorch: lanes must be a power of two in [1, 1024], got ", lanes);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), 2}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dicetorch_softmax_normaliser_lanes", [&] {
+    const auto ex = [](scalar_t v) { return std::exp(v); };
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    std::vector<scalar_t> m(lanes), s(lanes), m2(lanes), s2(lanes);
+    for (int64_t r = 0; r < x.size(0); ++r) {
+      std::fill(m.begin(), m.end(), -std::numeric_limits<scalar_t>::infinity());
+      std::fill(s.begin(), s.end(), scalar_t(0));
+      for (int64_t k = 0; k < x.size(1); ++k) online_softmax_update(m[k % lanes], s[k % lanes], xp[r * x.size(1) + k], ex);
+      for (int64_t off = 1; off < lanes; off *= 2) {  // every lane merges with lane ^ off, at once
+        for (int64_t l = 0; l < lanes; ++l) {
+          m2[l] = m[l];
+          s2[l] = s[l];
+          online_softmax_merge(m2[l], s2[l], m[l ^ off], s[l ^ off], ex);
+        }
+        m.swap(m2);
+        s.swap(s2);
+      }
+      op[2 * r] = m[0];
+      op[2 * r + 1] = s[0];
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 // A fragment, so that it coexists with the Python-defined dicetorch::dice_stats operators.
@@ -191,12 +227,14 @@ TORCH_LIBRARY_FRAGMENT(dicetorch, m) {
       "fused_backward(Tensor grad, Tensor input, Tensor target, str activation, int power, int? ignore_index) "
       "-> Tensor");
   m.def("_softmax_normaliser(Tensor x) -> Tensor");
+  m.def("_softmax_normaliser_lanes(Tensor x, int lanes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dicetorch, CPU, m) {
   m.impl("fused_forward", &forward_cpu);
   m.impl("fused_backward", &backward_cpu);
   m.impl("_softmax_normaliser", &softmax_normaliser_cpu);
+  m.impl("_softmax_normaliser_lanes", &softmax_normaliser_lanes_cpu);
 }
 
 #ifdef DICETORCH_WITH_CUDA

@@ -104,4 +104,19 @@ DICE_HD void online_softmax_update(T& m, T& s, T x, ExpFn exp_fn) {
   }
 }
 
+/// Merge of two online softmax normalisers (m1, s1) and (m2, s2) of disjoint channel sets into
+/// (m, s) of their union: m = max(m1, m2), s = s1*exp(m1 - m) + s2*exp(m2 - m).  Used where the
+/// channels of one pixel are spread over several GPU lanes.  A part whose max is still -inf (all
+/// its channels -inf, or none) adds s*0: exactly 0 for finite s, and NaN stays NaN (a NaN channel
+/// among -inf ones makes s NaN while m stays -inf).  Never evaluates -inf - -inf.
+template <typename T, typename ExpFn>
+DICE_HD void online_softmax_merge(T& m1, T& s1, T m2, T s2, ExpFn exp_fn) {
+  const T ninf = -static_cast<T>(INFINITY);
+  const T m = m2 > m1 ? m2 : m1;
+  const T a = m1 == ninf ? s1 * T(0) : s1 * exp_fn(m1 - m);
+  const T b = m2 == ninf ? s2 * T(0) : s2 * exp_fn(m2 - m);
+  m1 = m;
+  s1 = a + b;
+}
+
 }  // namespace dicetorch
