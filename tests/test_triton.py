@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 import dicetorch  # noqa: E402
 from dicetorch import ops  # noqa: E402
@@ -114,7 +114,7 @@ def canonical_pair(x, t):
 # so that every pair of factor values occurs (e.g. each activation meets each target kind 8 times,
 # each C meets each target kind, layout and q; each label dtype meets each ignore_index choice).
 # ----------------------------------------------------------------------------------------------
-CHANNELS = (1, 2, 3, 5, 21, 130, 1024)
+CHANNELS = (1, 2, 3, 4, 5, 16, 21, 130, 1024)
 KINDS = ("labels", "onehot", "soft")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.uint8)
 
@@ -239,16 +239,83 @@ def test_int64_kernels_compute_the_same(monkeypatch):
 
 
 def test_launch_config_heuristic():
-    for C in (1, 2, 3, 21, 128, 129, 1024, 5000):
+    for C in (1, 2, 3, 4, 8, 16, 21, 128, 129, 1024, 5000):
         for dtype in DTYPES:
-            for bwd in (False, True):
-                cfg = tk.launch_config(C, 10**6, dtype, backward=bwd)
-                assert cfg.chunked == (C > tk.MAX_SINGLE_BLOCK_C)
-                assert cfg.block_c >= C or cfg.chunked
-                assert cfg.block_c & (cfg.block_c - 1) == 0 and cfg.block_m & (cfg.block_m - 1) == 0
-                assert cfg.block_c * cfg.block_m <= tk.TILE_ELEMS or cfg.block_m == tk.MIN_BLOCK_M
-                assert 1 <= cfg.num_warps <= 8
-    assert tk.launch_config(4, 7, torch.float32).block_m == 16  # small images: small tiles
+            elem = torch.empty((), dtype=dtype).element_size()
+            for layout in ("contiguous", "channels_last", "strided"):
+                for bwd in (False, True):
+                    cfg = tk.launch_config(C, 10**6, dtype, backward=bwd, layout=layout)
+                    assert cfg.chunked == (C > tk.MAX_TILE_C)
+                    assert cfg.block_c >= C or cfg.chunked
+                    assert cfg.block_c & (cfg.block_c - 1) == 0 and cfg.block_m & (cfg.block_m - 1) == 0
+                    assert 1 <= cfg.num_warps <= 8
+                    if cfg.chunked:
+                        continue
+                    assert cfg.block_m % cfg.px == 0 and cfg.px * elem <= 16  # a run is one 16-byte vector
+                    assert not (bwd and cfg.prefetch)
+                    if layout == "contiguous":  # 128-bit runs of pixels, channels in-thread or in-warp
+                        assert cfg.mode == "strided" and cfg.px * elem == 16
+                        assert cfg.num_warps == 1 or cfg.block_m == cfg.px * 32 * cfg.num_warps
+                    elif layout == "channels_last" and C * elem % 16 == 0:
+                        assert cfg.mode == "cl" and cfg.px == 1
+                    elif layout == "channels_last" and C == cfg.block_c and C * elem < 16:
+                        assert cfg.mode == "flat" and cfg.px * C * elem == 16
+                    else:
+                        assert cfg.mode == ("gather" if cfg.block_c <= 16 else
+                                            "cl" if layout == "channels_last" else "strided")
+    small = tk.launch_config(4, 7, torch.float32)
+    assert small.block_m == 16 and small.num_warps == 1  # small images: small tiles
+
+
+def test_occupancy_and_persistent_grid():
+    """Resident programs from registers / shared memory / warps, and one-wave persistent grids."""
+    # 4 warps, 32 registers: thread limit (2048 / 128 = 16 programs per SM)
+    assert tk.occupancy(32, 0, 4, major=9, minor=0) == 16
+    # 168 registers: 5376 per warp -> 12 warps -> 3 programs of 4 warps
+    assert tk.occupancy(168, 128, 4, major=9, minor=0) == 3
+    # shared memory: (48 KiB + 1 KiB reserved) per program in 228 KiB
+    assert tk.occupancy(16, 48 * 1024, 1, major=9, minor=0, shared_per_sm=228 * 1024) == 4
+    # single-warp programs: the blocks-per-SM limit (16 on sm_86)
+    assert tk.occupancy(16, 0, 1, major=8, minor=6, threads_per_sm=1536) == 16
+    for rows, tiles, resident, sms in ((16, 512, 3, 132), (1, 3, 4, 132), (700, 100, 2, 108), (5, 10**6, 7, 80)):
+        P = tk.persistent_programs(rows, tiles, resident, sms)
+        assert 1 <= P <= tiles
+        assert rows * P <= max(rows, resident * sms)  # one wave (unless the rows alone exceed it)
+        per = triton.cdiv(tiles, P)
+        assert (P - 1) * per < tiles  # every program has a tile
+
+
+@pytest.mark.parametrize("dtype,labels,C,layout", [
+    (torch.float32, torch.int64, 4, "contiguous"),    # runs of 4 pixels, int64 labels in 2 parts
+    (torch.float16, torch.int64, 3, "contiguous"),    # runs of 8 pixels, int64 labels in 4 parts
+    (torch.bfloat16, torch.int32, 5, "contiguous"),   # runs of 8, int32 labels in 2 parts
+    (torch.float32, torch.uint8, 16, "contiguous"),   # uint8 labels in one piece; C = 16 in-thread
+    (torch.float16, torch.int64, 16, "contiguous"),   # C = 16 over 2 lanes of one warp
+    (torch.float32, torch.int64, 2, "channels_last"),  # flat: 2 pixels per 16 bytes
+    (torch.float16, torch.int32, 4, "channels_last"),  # flat: 2 pixels per 16 bytes
+    (torch.float32, torch.int64, 8, "channels_last"),  # cl: a pixel over 2 lanes
+    (torch.float64, torch.int64, 3, "channels_last"),  # gather
+])
+def test_pixel_runs_and_modes(dtype, labels, C, layout):
+    """Images large enough for full 16-byte runs, every addressing mode, forward and backward."""
+    gen = torch.Generator().manual_seed(C)
+    spatial = (19, 23)  # 437 pixels: full tiles and a partial one, a partial run at the end
+    x = make_input(2, C, spatial, dtype, "channels_last" if layout == "channels_last" else "contiguous",
+                   "softmax", gen)
+    for kind in ("labels", "soft"):
+        t = make_target(2, C, spatial, dtype, kind, labels, 2 if kind == "labels" else None, x, gen)
+        xc, tc = ops.canonical(x, t)
+        cfg = tk._config(xc, backward=False)
+        elem = torch.empty((), dtype=dtype).element_size()
+        assert cfg.px * elem * (C if cfg.mode == "flat" else 1) == (16 if cfg.mode in ("strided", "flat") else elem)
+        ign = 2 if kind == "labels" else None
+        for q in (1, 2):
+            assert_close_stats(tk.forward(xc, tc, "softmax", q, ign), R.dice_stats_reference(xc, tc, "softmax", q, ign),
+                               dtype, pixels=xc.shape[2])
+            grad = torch.randn((2, 3, C), generator=gen, dtype=torch.float64).to(R.acc_dtype(dtype))
+            gx = tk.backward(grad, xc, tc, "softmax", q, ign)
+            assert gx.stride() == xc.stride()
+            assert_close_grad(gx, R.dice_stats_backward_reference(grad, xc, tc, "softmax", q, ign), dtype)
 
 
 # ----------------------------------------------------------------------------------------------
