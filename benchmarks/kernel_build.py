@@ -28,12 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------------------------
 # Triton
 # ----------------------------------------------------------------------------------------------
-def trace_launches(module_name: str, entry_points, sm_hook: str | None = None, sms: int | None = None) -> list:
+def trace_launches(module_name: str, entry_points, hooks: dict | None = None) -> list:
     """[(direction, JITFunction, args, kwargs, grid)] launched by ``entry_points(module)``.
 
     ``entry_points(module)`` returns {direction: zero-argument callable}; the callables run with
     kernel launches captured instead of executed (call them on ``meta`` tensors: nothing is read).
-    ``sm_hook`` names a module function ``f(device) -> SM count``, replaced by ``sms`` meanwhile.
+    ``hooks`` maps module function names to stand-ins used meanwhile (e.g. the SM count of the
+    target architecture, or the resident programs per SM of a compiled kernel).
     """
     from triton.runtime.jit import JITFunction
 
@@ -44,18 +45,18 @@ def trace_launches(module_name: str, entry_points, sm_hook: str | None = None, s
         launches.append((direction[0], self, args, kwargs, grid))
 
     saved_run = JITFunction.run
-    saved_hook = getattr(mod, sm_hook, None) if sm_hook else None
+    saved = {name: getattr(mod, name) for name in (hooks or {}) if hasattr(mod, name)}
     JITFunction.run = capture
-    if saved_hook is not None and sms is not None:
-        setattr(mod, sm_hook, lambda device: sms)
+    for name in saved:
+        setattr(mod, name, hooks[name])
     try:
         for d, call in entry_points(mod).items():
             direction[0] = d
             call()
     finally:
         JITFunction.run = saved_run
-        if saved_hook is not None:
-            setattr(mod, sm_hook, saved_hook)
+        for name, fn in saved.items():
+            setattr(mod, name, fn)
     return launches
 
 

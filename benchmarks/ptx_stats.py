@@ -9,8 +9,9 @@ Used by ``benchmarks/kernel_report.py``; nothing here knows about dicetorch's ke
   gradient and the target (``roles``); per kernel it gets:
 
   - *passes*: a loop whose own blocks (not those of a nested loop) load logits, or the code outside
-    every loop if that loads logits.  A pass reads each element once, so ``passes > 1`` means the
-    logits are read (and their activation recomputed) more than once;
+    every loop if that loads logits (and, in a kernel with a loop pass, computes exps: loads alone
+    there prefetch the loop's first tile).  A pass reads each element once, so ``passes > 1`` means
+    the logits are read (and their activation recomputed) more than once;
   - per pass and per iteration of one thread, along the heaviest path through the loop body (a
     branchy online softmax has an exp in each arm, but one arm runs): logits elements loaded, exps
     (``ex2.approx``), the narrowest logits load and gradient store in bits, and the barriers
@@ -72,7 +73,7 @@ def occupancy(arch: int, regs: int, smem: int, threads: int) -> dict:
 # PTX parsing
 # ----------------------------------------------------------------------------------------------
 _ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$]+)\s*\(", re.M)
-_LABEL = re.compile(r"^(\$?[A-Za-z_$][\w$.]*):")
+_LABEL = re.compile(r"^(\$?[A-Za-z_$][\w$.]*):(?!:)")  # not "st.shared::cta"
 _REG = re.compile(r"%[A-Za-z_][\w.]*")
 _NO_DEST = ("st.", "red.", "bar", "barrier", "bra", "ret", "exit", "membar", "fence", "prefetch", "trap",
             "call", "cp.async", "griddepcontrol", "setmaxnreg")
@@ -249,12 +250,18 @@ def analyze_ptx(entry_ptx: str, roles: dict, elem_bits: int) -> dict:
         for t in out:
             pred[t].append(b)
     everything = frozenset(range(n))
+    reachable, work = {0}, [0]
+    while work:  # unreachable blocks (empty ones after an unconditional branch) must not cut dominators
+        for t in succ[work.pop()]:
+            if t not in reachable:
+                reachable.add(t)
+                work.append(t)
     dom = [frozenset([0])] + [everything] * (n - 1)
     changed = True
     while changed:
         changed = False
         for b in range(1, n):
-            ps = [dom[p] for p in pred[b]]
+            ps = [dom[p] for p in pred[b] if p in reachable]
             new = frozenset([b]) | (frozenset.intersection(*ps) if ps else frozenset())
             if new != dom[b]:
                 dom[b], changed = new, True
@@ -314,6 +321,9 @@ def analyze_ptx(entry_ptx: str, roles: dict, elem_bits: int) -> dict:
             ld_bits=min(widths) if widths else None, st_bits=min(gwidths) if gwidths else None,
             nested_in_pass=False,
         ))
+    if any(p["loop"] for p in passes):
+        # straight-line logits loads that compute nothing are a prefetch of the loop's first tile
+        passes = [p for p in passes if p["loop"] or p["exps"]]
     regions = loops
     loop_passes = [p for p in passes if p["loop"]]
     for p in loop_passes:  # a pass inside the loop of another pass re-reads per outer iteration
