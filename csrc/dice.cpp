@@ -139,12 +139,8 @@ at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& t, c10::string_vi
   // The CUDA kernels do not implement the hard activations yet (dicetorch.ops picks another backend).
   TORCH_CHECK(!is_hard_activation(o.activation), "dicetorch: the CUDA kernels do not implement activation='",
               std::string(activation), "' yet; use backend='auto' or 'reference'");
-  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
-  const int64_t nblocks = (M + kCudaChunk - 1) / kCudaChunk;
-  const auto opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  at::Tensor partial = at::empty({N, 3 * C, nblocks}, opts);  // per-block sums, reduced in block order
-  at::Tensor stats = at::empty({N, 3, C}, opts);
-  cuda::forward(x, t, partial, stats, o);
+  at::Tensor stats = at::empty({x.size(0), 3, x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
+  cuda::forward(x, t, stats, o);
   return stats;
 }
 

@@ -38,13 +38,10 @@ DICE_HD auto argmax_takes(T x, T best) {
 constexpr int kIgnored = -2;   // pixel excluded from every sum, zero gradient
 constexpr int kNoMatch = -1;   // pixel counts (in P) but matches no channel
 
-// Fixed pixel chunking of the reductions: partial sums are taken over fixed pixel ranges and
-// added in a fixed order, so results do not depend on the number of threads or blocks.
+// Fixed pixel chunking of the CPU reductions: partial sums are taken over fixed pixel ranges and
+// added in a fixed order, so results do not depend on the number of threads.  (The CUDA kernels'
+// geometry lives in csrc/cuda/dice_kernels.cuh.)
 constexpr int64_t kCpuChunk = 4096;        // pixels per CPU task
-constexpr int kCudaThreads = 256;          // threads per CUDA block
-constexpr int kCudaPixelsPerThread = 4;    // pixels per thread in the CUDA forward
-constexpr int64_t kCudaChunk = int64_t(kCudaThreads) * kCudaPixelsPerThread;  // pixels per block
-constexpr int kCudaClassTile = 8;          // classes accumulated in registers at a time (CUDA)
 
 /// Class code of one label: the matching channel index, kNoMatch, or kIgnored.
 /// Labels are compared (never used as addresses); with C == 1 label 1 is the foreground.

@@ -1,0 +1,1061 @@
+// Device code of the fused CUDA kernels (see dice_cuda.cu for the algorithm) and the host-side
+// launch planning shared by dice_cuda.cu and the CPU emulation test (tests/cuda_emu).
+//
+// This header is compiled by nvcc (dice_cuda.cu) and, for the emulation test, by a host C++
+// compiler with tests/cuda_emu/emu_cuda.h providing threadIdx, __syncthreads, __shfl_xor_sync, ...
+// It therefore uses only those CUDA builtins, plus dice_math.h.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "../dice.h"
+#include "../dice_math.h"
+
+namespace dicetorch {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Geometry
+// ------------------------------------------------------------------------------------------------
+constexpr int kThreads = 256;  // threads per block (every kernel)
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxLanes = 32;         // lanes per pixel group without shared memory
+constexpr int kMaxGroupLanes = 256;   // lanes per pixel group at most (the whole block)
+#ifndef DICETORCH_MAX_GRID_Y
+#define DICETORCH_MAX_GRID_Y 65535      // images on grid.y; kernels loop over more
+#endif
+constexpr int64_t kMaxGridY = DICETORCH_MAX_GRID_Y;
+
+// Kernel template parameters besides the dtypes (names used by benchmarks/kernel_report.py):
+//   NCH    channel slots per thread (a thread handles channels of its pixel group in NCH registers
+//          per pixel);  C <= G * NCH, G = lanes per pixel group (run-time, a power of two)
+//   kCL    channel-contiguous mapping (channels-last input); else pixel-contiguous (NCHW) mapping
+//   kWide  G > 32: a pixel group spans several warps (C > 32 * NCH): group reductions go through
+//          shared memory, with barriers; never used for C <= 256
+// Pixels per group: NCHW: one 128-bit vector of consecutive pixels per channel slot; channels-last:
+// 16 values per thread (NCH channels x NP pixels; 8 for fp64, which takes two registers a value).
+constexpr int group_pixels(int elem_bytes, bool cl, int nch) {
+  return cl ? ((elem_bytes == 8 ? 8 : 16) / nch > 1 ? (elem_bytes == 8 ? 8 : 16) / nch : 1) : 16 / elem_bytes;
+}
+
+template <typename scalar_t, bool kCL, int NCH>
+struct Geometry {
+  // elements of one 128-bit access
+  static constexpr int kVec = 16 / int(sizeof(scalar_t));
+  // channels-last: channels per vector access (NCH may be smaller than a 128-bit vector)
+  static constexpr int kCV = kCL ? (NCH < kVec ? NCH : kVec) : 1;
+  static constexpr int kNP = group_pixels(int(sizeof(scalar_t)), kCL, NCH);
+  static_assert(!kCL || NCH % kCV == 0, "channels-last slots come in whole vectors");
+};
+
+// Largest NCH of each mapping.  Register budget: about 32 values per thread (x, or x and a float
+// target) plus 3 * NCH accumulators.
+// fp64 (two registers a value) has one slot count per mapping: it is there to be exact, not fast.
+template <typename scalar_t, bool kLabels>
+constexpr int max_slots(bool cl) {
+  return sizeof(scalar_t) == 8 ? 4 : cl ? 8 : (sizeof(scalar_t) == 2 ? (kLabels ? 4 : 2) : (kLabels ? 8 : 4));
+}
+// Wide kernels (a pixel group over several warps): at most 4 slots with the NCHW mapping (8 spill
+// under the two-blocks-per-SM register budget).
+template <typename scalar_t, bool kLabels>
+constexpr int wide_slots(bool cl) {
+  return cl || max_slots<scalar_t, kLabels>(cl) < 4 ? max_slots<scalar_t, kLabels>(cl) : 4;
+}
+template <typename scalar_t>
+constexpr bool one_slot_count() {
+  return sizeof(scalar_t) == 8;
+}
+
+// Strides (elements) of an (N, C, M) operand; labels: (N, M) with c = 0.
+struct Strides3 {
+  int64_t n, c, m;
+};
+
+// Run-time arguments of every main kernel (one struct: the pointers stay separate, leading
+// parameters).
+struct Args {
+  int64_t N, C, M;   // C: channels of this launch (a chunk of Ct when C is huge)
+  int64_t Ct, c0;    // all channels; first channel of this launch (pointers already offset)
+  int64_t steps;     // block steps per image: ceil(M / pixels per block step)
+  Strides3 xs, ts, gs;
+  int64_t ignore_index;
+  int G, log2G;      // lanes per pixel group
+  int label_bytes;   // integer labels: 1 (uint8), 4 (int32) or 8 (int64), read as such
+  int activation, power;
+  bool has_ignore;
+  bool x_vec, t_vec, g_vec;  // aligned vector access allowed (checked on the host)
+  bool ext_norm;     // softmax normaliser per pixel from norm[] (huge C, chunked launches)
+  bool ext_dot;      // backward: sum_j p_j g_j per pixel from dot[] (huge C, write pass)
+  bool dot_pass;     // backward: add this chunk's sum_j p_j g_j into dot[], write nothing
+};
+
+// ------------------------------------------------------------------------------------------------
+// Scalar helpers
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ float dexp(float v) { return __expf(v); }
+__device__ __forceinline__ double dexp(double v) { return exp(v); }
+// max that ignores NaN (PTX max): a NaN logit still makes the pixel NaN through exp(NaN - m)
+__device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
+
+template <int kBytes>
+struct Chunk;
+template <>
+struct Chunk<16> {
+  using type = uint4;
+};
+template <>
+struct Chunk<8> {
+  using type = uint2;
+};
+template <>
+struct Chunk<4> {
+  using type = unsigned int;
+};
+template <>
+struct Chunk<2> {
+  using type = unsigned short;
+};
+template <>
+struct Chunk<1> {
+  using type = unsigned char;
+};
+
+/// One element through the read-only path (any 1/2/4/8-byte type, c10::Half included).
+template <typename T>
+__device__ __forceinline__ T ldg1(const T* p) {
+  using C = typename Chunk<int(sizeof(T))>::type;
+  static_assert(sizeof(C) == sizeof(T), "element size");
+  const C bits = __ldg(reinterpret_cast<const C*>(p));
+  T v;
+  memcpy(&v, &bits, sizeof(T));
+  return v;
+}
+
+/// Global store of one value (the emulation test checks its bounds and alignment).
+template <typename T>
+__device__ __forceinline__ void stg(T* p, T v) {
+#ifdef DICETORCH_CUDA_EMULATION
+  emu_check_store(p, sizeof(T));
+#endif
+  *p = v;
+}
+
+/// Plain (coherent) global load: for data this kernel also writes (the dot buffer).
+template <typename T>
+__device__ __forceinline__ T ldp(const T* p) {
+#ifdef DICETORCH_CUDA_EMULATION
+  emu_check_load(p, sizeof(T));
+#endif
+  return *p;
+}
+
+/// N consecutive elements from p, which the caller guarantees is aligned to min(16, N*sizeof(T))
+/// bytes: 128-bit loads (narrower when the whole run is narrower).
+template <typename T, int N>
+__device__ __forceinline__ void load_aligned(const T* p, T (&out)[N]) {
+  constexpr int kBytes = N * int(sizeof(T));
+  constexpr int kChunk = kBytes < 16 ? kBytes : 16;
+  using C = typename Chunk<kChunk>::type;
+#pragma unroll
+  for (int i = 0; i < kBytes / kChunk; ++i) {
+    const C v = __ldg(reinterpret_cast<const C*>(p) + i);
+    memcpy(reinterpret_cast<char*>(out) + i * kChunk, &v, kChunk);
+  }
+}
+
+/// N consecutive elements to p (aligned as for load_aligned).
+template <typename T, int N>
+__device__ __forceinline__ void store_aligned(T* p, const T (&in)[N]) {
+  constexpr int kBytes = N * int(sizeof(T));
+  constexpr int kChunk = kBytes < 16 ? kBytes : 16;
+  using C = typename Chunk<kChunk>::type;
+#pragma unroll
+  for (int i = 0; i < kBytes / kChunk; ++i) {
+    C v;
+    memcpy(&v, reinterpret_cast<const char*>(in) + i * kChunk, kChunk);
+    stg(reinterpret_cast<C*>(p) + i, v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-thread tile of one block step
+// ------------------------------------------------------------------------------------------------
+// A block step covers PB = (256 / G) * NP pixels of one image: pixel group pv = tid / G (G lanes,
+// g = tid % G, consecutive lanes) owns NP pixels; lane g holds NCH channel slots of each of them.
+//   NCHW mapping:          pixel j = step*PB + pv*NP + j     (NP = one 128-bit vector of pixels)
+//                          channel of slot c = g + G*c        (a 128-bit load per slot)
+//   channels-last mapping: pixel j = step*PB + j*(256/G) + pv (consecutive lanes: consecutive
+//                          pixels, or consecutive channel vectors of one pixel)
+//                          channel of slot c = (g + G*(c/CV))*CV + c%CV  (a CV-wide load per
+//                          c/CV, 128-bit when CV*sizeof = 16)
+// Every lane of a warp runs every step (pixels past M are masked, not skipped), so the group
+// reductions' shuffles always see the full warp.
+template <typename scalar_t, bool kCL_, int NCH>
+struct Tile {
+  using Geo = Geometry<scalar_t, kCL_, NCH>;
+  static constexpr int NP = Geo::kNP, CV = Geo::kCV;
+  static constexpr bool kCL = kCL_;
+
+  int g, pv, pvb;  // lane in group, group in block, groups per block
+  int G;
+  int64_t pb;      // pixels per block step
+
+  __device__ __forceinline__ Tile(int tid, int G_, int log2G) : g(tid & (G_ - 1)), pv(tid >> log2G),
+                                                                pvb(kThreads >> log2G), G(G_),
+                                                                pb(int64_t(kThreads >> log2G) * NP) {}
+
+  /// Pixel of slot j in block step `step`.
+  __device__ __forceinline__ int64_t pixel(int64_t step, int j) const {
+    return kCL_ ? step * pb + int64_t(j) * pvb + pv : step * pb + int64_t(pv) * NP + j;
+  }
+  /// Channel (relative to the launch's first channel) of slot c.
+  __device__ __forceinline__ int channel(int c) const {
+    return kCL_ ? (g + G * (c / CV)) * CV + c % CV : g + G * c;
+  }
+};
+
+/// Labels of the tile's pixels as int64 (type L); NCHW mapping: one aligned vector when t_vec.
+template <typename L, typename TileT>
+__device__ __forceinline__ void load_labels(const TileT& tl, const void* __restrict__ t, int64_t n, int64_t step,
+                                            const Args& a, int64_t (&lab)[TileT::NP]) {
+  constexpr int NP = TileT::NP;
+  const L* tn = static_cast<const L*>(t) + n * a.ts.n;
+  L raw[NP];
+  const int64_t m0 = tl.pixel(step, 0);
+  if (!TileT::kCL && a.t_vec && m0 + NP <= a.M) {
+    load_aligned<L, NP>(tn + m0, raw);
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t m = tl.pixel(step, j);
+      raw[j] = m < a.M ? ldg1(tn + m * a.ts.m) : L(0);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NP; ++j) lab[j] = static_cast<int64_t>(raw[j]);
+}
+
+/// Class codes of the tile's pixels: label_code() of the labels (read with their width), 0 for
+/// float targets; kIgnored past M.  Labels are only ever compared with channel indices.
+template <bool kLabels, typename TileT>
+__device__ __forceinline__ void load_codes(const TileT& tl, const void* __restrict__ t, int64_t n, int64_t step,
+                                           const Args& a, int (&code)[TileT::NP]) {
+  constexpr int NP = TileT::NP;
+  if constexpr (kLabels) {
+    int64_t lab[NP];
+    if (a.label_bytes == 8) {
+      load_labels<int64_t>(tl, t, n, step, a, lab);
+    } else if (a.label_bytes == 4) {
+      load_labels<int32_t>(tl, t, n, step, a, lab);
+    } else {
+      load_labels<uint8_t>(tl, t, n, step, a, lab);
+    }
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      code[j] = tl.pixel(step, j) < a.M ? label_code(lab[j], a.Ct, a.has_ignore, a.ignore_index) : kIgnored;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) code[j] = tl.pixel(step, j) < a.M ? 0 : kIgnored;
+  }
+}
+
+/// Values v[c][j] (acc_t) of an (N, C, M) operand at the tile's (channel slot, pixel) positions;
+/// 0 where the channel is >= C or the pixel >= M.  vec: aligned vector access allowed.
+template <typename scalar_t, typename acc_t, bool kCL, int NCH>
+__device__ __forceinline__ void load_tile(const Tile<scalar_t, kCL, NCH>& tl, const scalar_t* __restrict__ base,
+                                          const Strides3& s, int64_t step, int64_t C, int64_t M, bool vec,
+                                          acc_t (&v)[NCH][Tile<scalar_t, kCL, NCH>::NP]) {
+  using TileT = Tile<scalar_t, kCL, NCH>;
+  constexpr int NP = TileT::NP, CV = TileT::CV;
+  if constexpr (!kCL) {
+    const int64_t m0 = tl.pixel(step, 0);
+    const bool full = vec && m0 + NP <= M;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int k = tl.channel(c);
+      scalar_t raw[NP];
+      if (k < C) {
+        const scalar_t* row = base + k * s.c;
+        if (full) {
+          load_aligned<scalar_t, NP>(row + m0, raw);
+        } else {
+#pragma unroll
+          for (int j = 0; j < NP; ++j) raw[j] = m0 + j < M ? ldg1(row + (m0 + j) * s.m) : scalar_t(0);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < NP; ++j) raw[j] = scalar_t(0);
+      }
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[c][j] = static_cast<acc_t>(raw[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t m = tl.pixel(step, j);
+      const scalar_t* px = base + m * s.m;
+#pragma unroll
+      for (int b = 0; b < NCH / CV; ++b) {
+        const int kb = (tl.g + tl.G * b) * CV;
+        scalar_t raw[CV];
+        if (vec) {
+          // vec: C % CV == 0, so a vector is all in or all out
+          if (m < M && kb < C) {
+            load_aligned<scalar_t, CV>(px + kb, raw);
+          } else {
+#pragma unroll
+            for (int i = 0; i < CV; ++i) raw[i] = scalar_t(0);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < CV; ++i) raw[i] = (m < M && kb + i < C) ? ldg1(px + (kb + i) * s.c) : scalar_t(0);
+        }
+#pragma unroll
+        for (int i = 0; i < CV; ++i) v[b * CV + i][j] = static_cast<acc_t>(raw[i]);
+      }
+    }
+  }
+}
+
+/// Stores d[c][j] (converted to scalar_t) at the tile's positions that exist (channel < C, pixel < M).
+template <typename scalar_t, typename acc_t, bool kCL, int NCH>
+__device__ __forceinline__ void store_tile(const Tile<scalar_t, kCL, NCH>& tl, scalar_t* __restrict__ base,
+                                           const Strides3& s, int64_t step, int64_t C, int64_t M, bool vec,
+                                           const acc_t (&d)[NCH][Tile<scalar_t, kCL, NCH>::NP]) {
+  using TileT = Tile<scalar_t, kCL, NCH>;
+  constexpr int NP = TileT::NP, CV = TileT::CV;
+  if constexpr (!kCL) {
+    const int64_t m0 = tl.pixel(step, 0);
+    const bool full = vec && m0 + NP <= M;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int k = tl.channel(c);
+      if (k < C) {
+        scalar_t raw[NP];
+#pragma unroll
+        for (int j = 0; j < NP; ++j) raw[j] = static_cast<scalar_t>(d[c][j]);
+        scalar_t* row = base + k * s.c;
+        if (full) {
+          store_aligned<scalar_t, NP>(row + m0, raw);
+        } else {
+#pragma unroll
+          for (int j = 0; j < NP; ++j) {
+            if (m0 + j < M) stg(row + (m0 + j) * s.m, raw[j]);
+          }
+        }
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t m = tl.pixel(step, j);
+      if (m < M) {
+        scalar_t* px = base + m * s.m;
+#pragma unroll
+        for (int b = 0; b < NCH / CV; ++b) {
+          const int kb = (tl.g + tl.G * b) * CV;
+          scalar_t raw[CV];
+#pragma unroll
+          for (int i = 0; i < CV; ++i) raw[i] = static_cast<scalar_t>(d[b * CV + i][j]);
+          if (vec) {
+            if (kb < C) store_aligned<scalar_t, CV>(px + kb, raw);
+          } else {
+#pragma unroll
+            for (int i = 0; i < CV; ++i) {
+              if (kb + i < C) stg(px + (kb + i) * s.c, raw[i]);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Reductions over the G lanes of a pixel group (fixed order: every lane gets the same value)
+// ------------------------------------------------------------------------------------------------
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return dmax(a, b); }
+};
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+
+/// v[j] <- op over the pixel group's lanes of v[j].  Narrow groups (G <= 32): xor shuffles within
+/// the group.  Wide groups (G = 64..256 lanes, kWide): the whole warp, then the group's warps in
+/// order through red (one row per warp).  red must not be reused before the next barrier of the
+/// block (callers alternate buffers, see forward/backward).
+template <bool kWide, int NP, typename T, typename Op>
+__device__ __forceinline__ void group_reduce(T (&v)[NP], int G, T (*red)[NP], Op op) {
+  if constexpr (!kWide) {
+    for (int off = 1; off < G; off <<= 1) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[j] = op(v[j], __shfl_xor_sync(kFullMask, v[j], off));
+    }
+  } else {
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[j] = op(v[j], __shfl_xor_sync(kFullMask, v[j], off));
+    }
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) red[warp][j] = v[j];
+    }
+    __syncthreads();
+    const int nw = G >> 5, w0 = (warp / nw) * nw;  // the group's warps: w0 .. w0 + nw - 1
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      T r = red[w0][j];
+      for (int w = 1; w < nw; ++w) r = op(r, red[w0 + w][j]);
+      v[j] = r;
+    }
+  }
+}
+
+/// In place: x -> p = activation(x) for the tile.  Softmax: the normaliser (max, 1/sum) once per
+/// pixel over the group's lanes, one exp per element (or, with a.ext_norm, the normaliser of each
+/// pixel from norm[n*M + m] = (max, 1/sum), computed by pixel_norm_kernel over all channels).
+template <bool kWide, typename acc_t, typename TileT, int NCH, int NP>
+__device__ __forceinline__ void activate(const TileT& tl, acc_t (&v)[NCH][NP], int64_t step, int64_t n, const Args& a,
+                                         const acc_t* __restrict__ norm, acc_t (*red_max)[NP],
+                                         acc_t (*red_sum)[NP]) {
+  if (a.activation == kSoftmax) {
+    acc_t mx[NP], inv[NP];
+    bool ext = false;
+    if constexpr (kWide) ext = a.ext_norm;
+    if (ext) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int64_t m = tl.pixel(step, j);
+        mx[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2) : acc_t(0);
+        inv[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2 + 1) : acc_t(0);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) mx[j] = -static_cast<acc_t>(INFINITY);
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        if (tl.channel(c) < a.C) {
+#pragma unroll
+          for (int j = 0; j < NP; ++j) mx[j] = dmax(mx[j], v[c][j]);
+        }
+      }
+      group_reduce<kWide>(mx, tl.G, red_max, MaxOp());
+    }
+    // exp(x - max): -inf channels give 0 (max is finite unless every channel is -inf, when the
+    // pixel is NaN as in torch.softmax); a NaN channel makes the pixel's sum, so every p, NaN.
+    acc_t s[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) s[j] = 0;
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const bool ok = tl.channel(c) < a.C;
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const acc_t e = ok ? dexp(v[c][j] - mx[j]) : acc_t(0);
+        v[c][j] = e;
+        s[j] += e;
+      }
+    }
+    if (!ext) {
+      group_reduce<kWide>(s, tl.G, red_sum, SumOp());
+#pragma unroll
+      for (int j = 0; j < NP; ++j) inv[j] = acc_t(1) / s[j];
+    }
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[c][j] *= inv[j];
+    }
+  } else if (a.activation == kSigmoid) {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[c][j] = sigmoid_from_exp(dexp(-v[c][j]));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: per-program partial sums
+// ------------------------------------------------------------------------------------------------
+// Persistent: program (blockIdx.x, blockIdx.y) walks the block steps blockIdx.x, + gridDim.x, ...
+// of images blockIdx.y, + gridDim.y, ...; per image it accumulates I, P, T of its lanes' classes in
+// registers, then reduces them over the block in a fixed order (xor shuffles, then warps in order)
+// and writes partial[n, which, c0 + k, blockIdx.x].  reduce_partial_kernel adds the programs' columns
+// in order: deterministic, no atomics.
+template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide>
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2)
+    forward_partial_kernel(const scalar_t* __restrict__ x, const void* __restrict__ t, acc_t* __restrict__ partial,
+                           const acc_t* __restrict__ norm, const Args a) {
+  using TileT = Tile<scalar_t, kCL, NCH>;
+  constexpr int NP = TileT::NP;
+  constexpr int kRed = kWide ? kWarps : 1;
+  __shared__ acc_t red_max[kRed][NP];
+  __shared__ acc_t red_sum[kRed][NP];
+  __shared__ acc_t fin[kThreads];
+  const TileT tl(threadIdx.x, a.G, a.log2G);
+  const int64_t nprog = gridDim.x;
+
+  for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
+    const scalar_t* xn = x + n * a.xs.n;
+    const scalar_t* tn = kLabels ? nullptr : static_cast<const scalar_t*>(t) + n * a.ts.n;  // float target
+    acc_t acc[3][NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) acc[0][c] = acc[1][c] = acc[2][c] = 0;
+
+    for (int64_t step = blockIdx.x; step < a.steps; step += nprog) {
+      // targets first, then logits: all loads of the step are issued before any math
+      int code[NP];
+      load_codes<kLabels>(tl, t, n, step, a, code);
+      acc_t v[NCH][NP];
+      load_tile<scalar_t, acc_t, kCL, NCH>(tl, xn, a.xs, step, a.C, a.M, a.x_vec, v);
+      acc_t tv[kLabels ? 1 : NCH][NP];
+      if constexpr (!kLabels) {
+        load_tile<scalar_t, acc_t, kCL, NCH>(tl, tn, a.ts, step, a.C, a.M,
+                                             a.t_vec, tv);
+      }
+      activate<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
+      // ignored pixels (and pixels past M) are selected away: they add exactly 0 everywhere
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        const int64_t k = a.c0 + tl.channel(c);
+#pragma unroll
+        for (int j = 0; j < NP; ++j) {
+          const bool valid = code[j] != kIgnored;
+          const acc_t p = valid ? v[c][j] : acc_t(0);
+          // p * t, not a select on the label: a NaN pixel makes every class's I NaN, as in the
+          // reference (ignored pixels have p = t = 0 here)
+          if constexpr (kLabels) {
+            const acc_t tk = code[j] == k ? acc_t(1) : acc_t(0);
+            acc[0][c] += p * tk;
+            acc[2][c] += tk;
+          } else {
+            const acc_t tk = valid ? tv[c][j] : acc_t(0);
+            acc[0][c] += p * tk;
+            acc[2][c] += pow_q(tk, a.power);
+          }
+          acc[1][c] += pow_q(p, a.power);
+        }
+      }
+    }
+
+    // Block reduction of each accumulator, in a fixed order.  Lanes with the same g hold the same
+    // classes: xor shuffles over the other lanes of the warp, then the warps' (or wide groups')
+    // values in order.
+    const int stride = tl.G > 32 ? tl.G : 32;
+#pragma unroll
+    for (int r = 0; r < 3 * NCH; ++r) {
+      acc_t val = acc[r / NCH][r % NCH];
+      for (int off = tl.G; off < 32; off <<= 1) val += __shfl_xor_sync(kFullMask, val, off);
+      fin[threadIdx.x] = val;
+      __syncthreads();
+      if (int(threadIdx.x) < tl.G) {
+        acc_t sum = fin[threadIdx.x];
+        for (int i = stride; i < kThreads; i += stride) sum += fin[threadIdx.x + i];
+        const int k = tl.channel(r % NCH);
+        if (k < a.C) stg(partial + ((n * 3 + r / NCH) * a.Ct + a.c0 + k) * nprog + blockIdx.x, sum);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+/// stats[row] = sum over the programs' partials of row, in a fixed order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    reduce_partial_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ stats, int64_t nprog) {
+  __shared__ acc_t smem[kThreads];
+  const int64_t row = blockIdx.x;
+  acc_t v = 0;
+  for (int64_t b = threadIdx.x; b < nprog; b += kThreads) v += ldg1(partial + row * nprog + b);
+  smem[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s /= 2) {
+    if (int(threadIdx.x) < s) smem[threadIdx.x] += smem[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) stg(stats + row, smem[0]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: one read of x (and the target), one write of dL/dx
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide>
+__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2)
+    backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x, const void* __restrict__ t,
+                    scalar_t* __restrict__ gx, const acc_t* __restrict__ norm, acc_t* __restrict__ dot_buf,
+                    const Args a) {
+  using TileT = Tile<scalar_t, kCL, NCH>;
+  constexpr int NP = TileT::NP;
+  constexpr int kRed = kWide ? kWarps : 1;
+  __shared__ acc_t red_max[kRed][NP];
+  __shared__ acc_t red_sum[kRed][NP];
+  __shared__ acc_t red_dot[kRed][NP];
+  const TileT tl(threadIdx.x, a.G, a.log2G);
+  const bool softmax = a.activation == kSoftmax;
+  bool ext_dot = false, dot_pass = false;
+  if constexpr (kWide) {
+    ext_dot = a.ext_dot;
+    dot_pass = a.dot_pass;
+  }
+
+  for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
+    const scalar_t* xn = x + n * a.xs.n;
+    const scalar_t* tn = kLabels ? nullptr : static_cast<const scalar_t*>(t) + n * a.ts.n;  // float target
+    scalar_t* gn = gx + n * a.gs.n;
+    // dL/dI and dL/dP of the lane's classes
+    acc_t cI[NCH], cP[NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int k = tl.channel(c);
+      cI[c] = k < a.C ? ldg1(grad + (n * 3) * a.Ct + a.c0 + k) : acc_t(0);
+      cP[c] = k < a.C ? ldg1(grad + (n * 3 + 1) * a.Ct + a.c0 + k) : acc_t(0);
+    }
+
+    for (int64_t step = blockIdx.x; step < a.steps; step += gridDim.x) {
+      int code[NP];
+      load_codes<kLabels>(tl, t, n, step, a, code);
+      acc_t v[NCH][NP];
+      load_tile<scalar_t, acc_t, kCL, NCH>(tl, xn, a.xs, step, a.C, a.M, a.x_vec, v);
+      acc_t tv[kLabels ? 1 : NCH][NP];
+      if constexpr (!kLabels) {
+        load_tile<scalar_t, acc_t, kCL, NCH>(tl, tn, a.ts, step, a.C, a.M,
+                                             a.t_vec, tv);
+      }
+      activate<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
+
+      // target value of slot (c, j)
+      auto target = [&](int c, int j) -> acc_t {
+        if constexpr (kLabels) {
+          return code[j] == a.c0 + tl.channel(c) ? acc_t(1) : acc_t(0);
+        } else {
+          return tv[c][j];
+        }
+      };
+
+      acc_t dot[NP];
+      if (softmax) {
+        if (ext_dot) {
+#pragma unroll
+          for (int j = 0; j < NP; ++j) {
+            const int64_t m = tl.pixel(step, j);
+            dot[j] = m < a.M ? ldp(dot_buf + n * a.M + m) : acc_t(0);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < NP; ++j) dot[j] = 0;
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            if (tl.channel(c) < a.C) {
+#pragma unroll
+              for (int j = 0; j < NP; ++j) dot[j] += v[c][j] * grad_p(cI[c], cP[c], target(c, j), v[c][j], a.power);
+            }
+          }
+          group_reduce<kWide>(dot, tl.G, red_dot, SumOp());
+        }
+        if (dot_pass) {  // huge C: this chunk's share of sum_j p_j g_j, added in chunk order
+          if (tl.g == 0) {
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const int64_t m = tl.pixel(step, j);
+              if (m < a.M) stg(dot_buf + n * a.M + m, ldp(dot_buf + n * a.M + m) + dot[j]);
+            }
+          }
+          continue;
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+        for (int j = 0; j < NP; ++j) {
+          const acc_t p = v[c][j];
+          const acc_t gp = grad_p(cI[c], cP[c], target(c, j), p, a.power);
+          acc_t dz = gp;
+          if (softmax) {
+            dz = softmax_dz(p, gp, dot[j]);
+          } else if (a.activation == kSigmoid) {
+            dz = sigmoid_dz(p, gp);
+          }
+          v[c][j] = code[j] == kIgnored ? acc_t(0) : dz;  // exactly 0 for ignored pixels
+        }
+      }
+      store_tile<scalar_t, acc_t, kCL, NCH>(tl, gn, a.gs, step, a.C, a.M, a.g_vec, v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Huge C: softmax normaliser per pixel over all channels (max, 1/sum), one exp per element
+// ------------------------------------------------------------------------------------------------
+// NCHW: one thread per pixel (consecutive threads, consecutive pixels) walks the channels with the
+// online update.  Channels-last: one warp per pixel, lanes on consecutive channels, then the lanes'
+// normalisers merged by xor shuffles (online_softmax_merge).
+template <typename scalar_t, typename acc_t, bool kCL>
+__global__ void __launch_bounds__(kThreads)
+    pixel_norm_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ norm, int64_t N, int64_t C, int64_t M,
+                      Strides3 xs) {
+  const auto ex = [](acc_t v) { return dexp(v); };
+  const int64_t total = N * M;
+  if constexpr (!kCL) {
+    const int64_t step = int64_t(gridDim.x) * kThreads;
+    for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += step) {
+      const int64_t n = i / M, m = i - n * M;
+      const scalar_t* px = x + n * xs.n + m * xs.m;
+      acc_t mx = -static_cast<acc_t>(INFINITY), s = 0;
+      for (int64_t k = 0; k < C; ++k) online_softmax_update(mx, s, static_cast<acc_t>(ldg1(px + k * xs.c)), ex);
+      stg(norm + 2 * i, mx);
+      stg(norm + 2 * i + 1, acc_t(1) / s);
+    }
+  } else {
+    const int lane = threadIdx.x & 31;
+    const int64_t step = int64_t(gridDim.x) * kWarps;
+    // warp-uniform loop: every lane of a warp runs the same iterations (shuffles below)
+    for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < total; i += step) {
+      const int64_t n = i / M, m = i - n * M;
+      const scalar_t* px = x + n * xs.n + m * xs.m;
+      acc_t mx = -static_cast<acc_t>(INFINITY), s = 0;
+      for (int64_t k = lane; k < C; k += 32) online_softmax_update(mx, s, static_cast<acc_t>(ldg1(px + k * xs.c)), ex);
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const acc_t m2 = __shfl_xor_sync(kFullMask, mx, off), s2 = __shfl_xor_sync(kFullMask, s, off);
+        online_softmax_merge(mx, s, m2, s2, ex);
+      }
+      if (lane == 0) {
+        stg(norm + 2 * i, mx);
+        stg(norm + 2 * i + 1, acc_t(1) / s);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side: launch plan and kernel selection (no CUDA runtime calls here)
+// ------------------------------------------------------------------------------------------------
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+struct Plan {
+  bool cl;        // channels-last mapping
+  bool wide;      // G > 32
+  int nch;        // channel slots per lane
+  int G, log2G;   // lanes per pixel group
+  int np;         // pixels per group
+  int64_t chunk;  // channels per launch (C unless C > 256 * nch)
+  int64_t pb;     // pixels per block step
+};
+
+inline int ceil_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+inline int ilog2(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+
+/// Slots and lanes for C channels: the fewest lanes per pixel (G) that hold C in at most
+/// max_slots registers each, then the smallest slot count {2, 4, 8} that covers C with G lanes.
+template <typename scalar_t, bool kLabels>
+Plan make_plan(int64_t C, bool cl) {
+  Plan p{};
+  p.cl = cl;
+  const int mx = max_slots<scalar_t, kLabels>(cl);
+  const int64_t need = (C + mx - 1) / mx;  // lanes needed at mx slots each
+  if (need <= kMaxLanes) {
+    p.wide = false;
+    p.G = ceil_pow2(need);
+    const int64_t per = (C + p.G - 1) / p.G;
+    p.nch = per <= 2 && !cl ? 2 : per <= 4 ? 4 : 8;  // channels-last: slots {4, 8}
+    if (p.nch > mx || one_slot_count<scalar_t>()) p.nch = mx;
+    p.chunk = C;
+  } else {
+    p.wide = true;
+    p.nch = wide_slots<scalar_t, kLabels>(cl);
+    const int64_t lanes = (C + p.nch - 1) / p.nch;
+    p.G = lanes >= kMaxGroupLanes ? kMaxGroupLanes : ceil_pow2(lanes);
+    p.chunk = int64_t(p.G) * p.nch < C ? int64_t(p.G) * p.nch : C;
+  }
+  p.log2G = ilog2(p.G);
+  p.np = group_pixels(int(sizeof(scalar_t)), cl, p.nch);
+  p.pb = int64_t(kThreads / p.G) * p.np;
+  return p;
+}
+
+template <typename scalar_t, typename acc_t>
+using ForwardKernel = void (*)(const scalar_t*, const void*, acc_t*, const acc_t*, const Args);
+template <typename scalar_t, typename acc_t>
+using BackwardKernel = void (*)(const acc_t*, const scalar_t*, const void*, scalar_t*, const acc_t*, acc_t*,
+                                const Args);
+
+// The instantiations: NCHW slots {2, 4, 8} up to max_slots, channels-last {4, 8}, and one wide
+// kernel per mapping (fp64: max_slots only).
+#define DICE_SELECT_KERNEL(KERNEL, plan)                                                          \
+  do {                                                                                            \
+    constexpr int kMaxP = max_slots<scalar_t, kLabels>(false);                                    \
+    constexpr int kMaxC = max_slots<scalar_t, kLabels>(true);                                     \
+    constexpr int kWideP = wide_slots<scalar_t, kLabels>(false);                                  \
+    if ((plan).wide) {                                                                            \
+      return (plan).cl ? &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, true>                     \
+                       : &KERNEL<scalar_t, kLabels, acc_t, kWideP, false, true>;                  \
+    }                                                                                             \
+    if constexpr (one_slot_count<scalar_t>()) {                                                   \
+      return (plan).cl ? &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, false>                    \
+                       : &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false>;                  \
+    } else {                                                                                      \
+      if ((plan).cl) {                                                                            \
+        return (plan).nch <= 4 ? &KERNEL<scalar_t, kLabels, acc_t, 4, true, false>                \
+                               : &KERNEL<scalar_t, kLabels, acc_t, 8, true, false>;               \
+      }                                                                                           \
+      switch ((plan).nch) {                                                                       \
+        case 2: return &KERNEL<scalar_t, kLabels, acc_t, 2, false, false>;                        \
+        case 4: return &KERNEL<scalar_t, kLabels, acc_t, (kMaxP < 4 ? kMaxP : 4), false, false>;  \
+        default: return &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false>;                   \
+      }                                                                                           \
+    }                                                                                             \
+  } while (0)
+
+template <typename scalar_t, bool kLabels, typename acc_t>
+ForwardKernel<scalar_t, acc_t> select_forward(const Plan& plan) {
+  DICE_SELECT_KERNEL(forward_partial_kernel, plan);
+}
+template <typename scalar_t, bool kLabels, typename acc_t>
+BackwardKernel<scalar_t, acc_t> select_backward(const Plan& plan) {
+  DICE_SELECT_KERNEL(backward_kernel, plan);
+}
+#undef DICE_SELECT_KERNEL
+
+
+// ------------------------------------------------------------------------------------------------
+// Host orchestration, shared by dice_cuda.cu (Backend = CUDA launches on the current stream) and
+// the emulation test (Backend = CPU emulation).  Backend provides
+//   int64_t max_programs(const void* kernel)  resident blocks of `kernel` on the whole device
+//   void launch(kernel, dim3 grid, args...)   a launch of kThreads threads per block
+//   void track(const at::Tensor&)             a buffer the kernels may touch (emulation: bounds)
+// Nothing here synchronizes with the device; every buffer comes from at::empty/at::zeros on x's
+// device (the caching allocator), so the sequence is capturable in a CUDA graph.
+// ------------------------------------------------------------------------------------------------
+inline Strides3 strides_of(const at::Tensor& a) {
+  if (a.dim() == 2) return {a.stride(0), 0, a.stride(1)};
+  return {a.stride(0), a.stride(1), a.stride(2)};
+}
+
+inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % uint64_t(bytes) == 0; }
+
+/// Aligned vector access of an (N, C, M) float operand is allowed for every launch of the plan.
+template <typename scalar_t>
+bool vector_ok(const Plan& p, const void* ptr, const Strides3& s, int64_t N, int64_t Ct, int64_t M) {
+  constexpr int kVec = 16 / int(sizeof(scalar_t));
+  // (the stride of a dimension of size 1 never moves a pointer)
+  if (!p.cl) {  // 128-bit runs of kVec pixels; chunk offsets c0 are multiples of kVec
+    return s.m == 1 && (N == 1 || s.n % kVec == 0) && (Ct == 1 || s.c % kVec == 0) && aligned(ptr, 16);
+  }
+  const int cv = p.nch < kVec ? p.nch : kVec;  // channels per vector
+  return s.c == 1 && Ct % cv == 0 && p.chunk % cv == 0 && (M == 1 || s.m % cv == 0) &&
+         (N == 1 || s.n % cv == 0) && aligned(ptr, int64_t(cv) * int64_t(sizeof(scalar_t)));
+}
+
+/// NCHW mapping: a group's labels are one aligned run of np labels.
+inline bool labels_vector_ok(const Plan& p, const void* ptr, const Strides3& s, int64_t N, int64_t elem) {
+  const int64_t bytes = int64_t(p.np) * elem;
+  const int64_t al = bytes < 16 ? bytes : 16;
+  return !p.cl && s.m == 1 && (N == 1 || (s.n * elem) % al == 0) && aligned(ptr, al);
+}
+
+/// Channel-contiguous (channels-last) mapping when the channels of a pixel are adjacent and the
+/// pixels are not.
+inline bool use_channels_last(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1 && x.stride(2) != 1; }
+
+/// Programs per image of a persistent grid: at most one wave in all (resident blocks / N, at
+/// least 1), and no more programs than block steps.
+inline int64_t programs_per_image(int64_t resident, int64_t N, int64_t steps) {
+  int64_t b = N >= resident ? 1 : resident / N;
+  if (b > steps) b = steps;
+  return b < 1 ? 1 : b;
+}
+
+template <typename scalar_t, typename acc_t, typename Backend>
+void launch_pixel_norm(Backend& be, bool cl, const scalar_t* xp, acc_t* norm, int64_t N, int64_t C, int64_t M,
+                       const Strides3& xs) {
+  const auto kernel = cl ? &pixel_norm_kernel<scalar_t, acc_t, true> : &pixel_norm_kernel<scalar_t, acc_t, false>;
+  const int64_t per_block = cl ? kWarps : kThreads;  // pixels per block and iteration
+  const int64_t resident = be.max_programs(reinterpret_cast<const void*>(kernel));
+  int64_t blocks = (N * M + per_block - 1) / per_block;
+  if (blocks > resident) blocks = resident;
+  be.launch(kernel, dim3(static_cast<unsigned>(blocks)), xp, norm, N, C, M, xs);
+}
+
+template <typename scalar_t, bool kLabels, typename Backend>
+void forward_typed(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Tensor& stats, const DiceOptions& o) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0), Ct = x.size(1), M = x.size(2);
+  const Plan plan = make_plan<scalar_t, kLabels>(Ct, use_channels_last(x));
+  const auto kernel = select_forward<scalar_t, kLabels, acc_t>(plan);
+  const int64_t steps = (M + plan.pb - 1) / plan.pb;
+  const int64_t nprog = programs_per_image(be.max_programs(reinterpret_cast<const void*>(kernel)), N, steps);
+  TORCH_CHECK(nprog < (int64_t(1) << 31) && N * 3 * Ct < (int64_t(1) << 31),
+              "dicetorch: input too large for the CUDA kernel grid");
+  const auto acc_opts = x.options().dtype(std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat);
+  // per-program partial sums: a few programs per SM in all, so 3 * C * (resident blocks) at most
+  at::Tensor partial = at::empty({N, 3, Ct, nprog}, acc_opts);
+  be.track(x);
+  be.track(t);
+  be.track(stats);
+  be.track(partial);
+
+  Args a{};
+  a.N = N;
+  a.M = M;
+  a.Ct = Ct;
+  a.steps = steps;
+  a.xs = strides_of(x);
+  a.ts = strides_of(t);
+  a.gs = a.xs;
+  a.G = plan.G;
+  a.log2G = plan.log2G;
+  a.activation = o.activation;
+  a.power = o.power;
+  a.has_ignore = o.has_ignore;
+  a.ignore_index = o.ignore_index;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const void* tp = t.const_data_ptr();
+  a.x_vec = vector_ok<scalar_t>(plan, xp, a.xs, N, Ct, M);
+  a.label_bytes = static_cast<int>(t.element_size());
+  a.t_vec = kLabels ? labels_vector_ok(plan, tp, a.ts, N, t.element_size()) : vector_ok<scalar_t>(plan, tp, a.ts, N, Ct, M);
+
+  at::Tensor norm;  // huge C, softmax: per-pixel (max, 1/sum) over all channels
+  if (plan.chunk < Ct && o.activation == kSoftmax) {
+    norm = at::empty({N, M, 2}, acc_opts);
+    be.track(norm);
+    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
+    a.ext_norm = true;
+  }
+  const acc_t* normp = norm.defined() ? norm.const_data_ptr<acc_t>() : nullptr;
+  const dim3 grid(static_cast<unsigned>(nprog), static_cast<unsigned>(N < kMaxGridY ? N : kMaxGridY));
+  for (int64_t c0 = 0; c0 < Ct; c0 += plan.chunk) {
+    a.c0 = c0;
+    a.C = Ct - c0 < plan.chunk ? Ct - c0 : plan.chunk;
+    be.launch(kernel, grid, xp + c0 * a.xs.c, kLabels ? tp : static_cast<const void*>(static_cast<const scalar_t*>(tp) + c0 * a.ts.c), partial.mutable_data_ptr<acc_t>(),
+              normp, a);
+  }
+  be.launch(&reduce_partial_kernel<acc_t>, dim3(static_cast<unsigned>(N * 3 * Ct)),
+            static_cast<const acc_t*>(partial.const_data_ptr<acc_t>()), stats.mutable_data_ptr<acc_t>(), nprog);
+}
+
+template <typename scalar_t, bool kLabels, typename Backend>
+void backward_typed(Backend& be, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& gx,
+                    const DiceOptions& o) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t N = x.size(0), Ct = x.size(1), M = x.size(2);
+  const Plan plan = make_plan<scalar_t, kLabels>(Ct, use_channels_last(x));
+  const auto kernel = select_backward<scalar_t, kLabels, acc_t>(plan);
+  const int64_t steps = (M + plan.pb - 1) / plan.pb;
+  const int64_t nprog = programs_per_image(be.max_programs(reinterpret_cast<const void*>(kernel)), N, steps);
+  TORCH_CHECK(nprog < (int64_t(1) << 31), "dicetorch: input too large for the CUDA kernel grid");
+  const auto acc_opts = x.options().dtype(std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat);
+
+  Args a{};
+  a.N = N;
+  a.M = M;
+  a.Ct = Ct;
+  a.steps = steps;
+  a.xs = strides_of(x);
+  a.ts = strides_of(t);
+  a.gs = strides_of(gx);
+  a.G = plan.G;
+  a.log2G = plan.log2G;
+  a.activation = o.activation;
+  a.power = o.power;
+  a.has_ignore = o.has_ignore;
+  a.ignore_index = o.ignore_index;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const void* tp = t.const_data_ptr();
+  scalar_t* gp = gx.mutable_data_ptr<scalar_t>();
+  a.x_vec = vector_ok<scalar_t>(plan, xp, a.xs, N, Ct, M);
+  a.label_bytes = static_cast<int>(t.element_size());
+  a.t_vec = kLabels ? labels_vector_ok(plan, tp, a.ts, N, t.element_size()) : vector_ok<scalar_t>(plan, tp, a.ts, N, Ct, M);
+  a.g_vec = vector_ok<scalar_t>(plan, gp, a.gs, N, Ct, M);
+  const acc_t* gradp = grad.const_data_ptr<acc_t>();
+  be.track(grad);
+  be.track(x);
+  be.track(t);
+  be.track(gx);
+  const dim3 grid(static_cast<unsigned>(nprog), static_cast<unsigned>(N < kMaxGridY ? N : kMaxGridY));
+  const auto launch_chunks = [&](const acc_t* normp, acc_t* dotp) {
+    for (int64_t c0 = 0; c0 < Ct; c0 += plan.chunk) {
+      a.c0 = c0;
+      a.C = Ct - c0 < plan.chunk ? Ct - c0 : plan.chunk;
+      be.launch(kernel, grid, gradp, xp + c0 * a.xs.c, kLabels ? tp : static_cast<const void*>(static_cast<const scalar_t*>(tp) + c0 * a.ts.c), gp + c0 * a.gs.c, normp,
+                dotp, a);
+    }
+  };
+  if (plan.chunk < Ct && o.activation == kSoftmax) {
+    // huge C: normaliser pass, then sum_j p_j g_j accumulated chunk by chunk (in chunk order),
+    // then the write pass
+    at::Tensor norm = at::empty({N, M, 2}, acc_opts);
+    at::Tensor dot = at::zeros({N, M}, acc_opts);
+    be.track(norm);
+    be.track(dot);
+    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
+    a.ext_norm = true;
+    a.dot_pass = true;
+    launch_chunks(norm.const_data_ptr<acc_t>(), dot.mutable_data_ptr<acc_t>());
+    a.dot_pass = false;
+    a.ext_dot = true;
+    launch_chunks(norm.const_data_ptr<acc_t>(), dot.mutable_data_ptr<acc_t>());
+  } else {
+    launch_chunks(nullptr, nullptr);
+  }
+}
+
+inline void check_activation(const DiceOptions& o) {
+  TORCH_CHECK(o.activation == kSoftmax || o.activation == kSigmoid || o.activation == kNone,
+              "dicetorch: the CUDA kernels implement activation softmax, sigmoid and none only");
+}
+
+template <typename Backend>
+void run_forward(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Tensor& stats, const DiceOptions& o) {
+  check_activation(o);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_forward_cuda", [&] {
+    if (t.is_floating_point()) {
+      forward_typed<scalar_t, false>(be, x, t, stats, o);
+    } else {
+      forward_typed<scalar_t, true>(be, x, t, stats, o);
+    }
+  });
+}
+
+template <typename Backend>
+void run_backward(Backend& be, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& gx,
+                  const DiceOptions& o) {
+  check_activation(o);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_backward_cuda", [&] {
+    if (t.is_floating_point()) {
+      backward_typed<scalar_t, false>(be, grad, x, t, gx, o);
+    } else {
+      backward_typed<scalar_t, true>(be, grad, x, t, gx, o);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dicetorch
