@@ -79,10 +79,13 @@ TRITON_MAIN = {"fwd": ("tile_fwd_kernel", "dice_fwd_kernel"),  # the kernels tha
 
 def triton_entry_points(tk, x, t, grad, spec):
     """direction -> call of the module's entry point on canonical (N, C, M) tensors."""
-    return {
+    calls = {
         "fwd": lambda: tk.forward(x, t, spec.act, spec.q, 255 if spec.ignore else None),
         "bwd": lambda: tk.backward(grad, x, t, spec.act, spec.q, 255 if spec.ignore else None),
     }
+    if spec.act in getattr(tk, "HARD_ACTIVATIONS", ()):  # evaluation-only: no backward
+        del calls["bwd"]
+    return calls
 
 
 CUDA_SOURCE = "csrc/cuda/dice_cuda.cu"
@@ -161,6 +164,13 @@ def cover_specs():
         out.append(Spec(dtypes[i % 4], chans[(3 * i) % len(chans)], ("contig", "cl")[(i // 2) % 2], act, q, target,
                         ignore, int64=(i % 3 == 1), group="cover"))
     return out
+
+
+def hard_specs():
+    """The hard (evaluation) activations: forward only, small C, channels-last and chunked C."""
+    return [Spec("fp32", 4, "contig", "argmax", 1, group="cover"), Spec("bf16", 8, "cl", "argmax", 1, group="cover"),
+            Spec("fp16", 3, "contig", "threshold", 1, "uint8", group="cover"),
+            Spec("fp32", 1024, "contig", "argmax", 1, group="cover")]
 
 
 def arch_specs():
@@ -575,7 +585,7 @@ def main(argv=None) -> int:
                     and r.get("dtype", "fp32") in dtypes]
         backends = []
     if "triton" in backends:
-        specs = [s for s in rule_specs() if "rules" in groups] + [s for s in cover_specs() if "cover" in groups]
+        specs = [s for s in rule_specs() if "rules" in groups] + [s for s in cover_specs() + hard_specs() if "cover" in groups]
         plan = {a: [s for s in specs if s.dtype in dtypes] for a in args.arch}
         plan.update({a: arch_specs() for a in args.lowering_arch if a not in plan})
         rows += triton_rows(plan, args.workers, args.dump)

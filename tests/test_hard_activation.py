@@ -26,7 +26,7 @@ from conftest import INTERPRETED, backends_under_test, interpreter_suite
 from dicetorch import ops, reference
 
 # Kernel backends that implement the hard activations (add "triton" / "cuda" when they do).
-HARD_KERNELS = ["cpu"]
+HARD_KERNELS = ["cpu", "triton"]
 
 BACKENDS = [b for b in backends_under_test() if b in HARD_KERNELS]
 if not INTERPRETED:

@@ -81,7 +81,7 @@ def test_every_specialization_lowers_without_spills(tmp_path):
         sel = [r for r in rows if r["arch"] == arch]
         assert {r["dtype"] for r in sel} == {"fp32", "fp16", "bf16", "fp64"}
         assert {r["layout"] for r in sel} == {"contig", "cl"} and any(r["int64"] for r in sel)
-        assert {r["act"] for r in sel} == {"softmax", "sigmoid", "none"}
+        assert {r["act"] for r in sel} == {"softmax", "sigmoid", "none", "argmax", "threshold"}
         assert {r["target"] for r in sel} == {"int64", "int32", "uint8", "float"}
         assert {r["kernel"] for r in sel} >= set(kr.TRITON_MAIN["fwd"]) | set(kr.TRITON_MAIN["bwd"])
 

@@ -42,13 +42,14 @@ import torch
 import triton
 from torch import Tensor
 
-from ._chunked import _dice_bwd_kernel, _dice_fwd_kernel, _softmax_lse_kernel
+from ._chunked import _argmax_kernel, _dice_bwd_kernel, _dice_fwd_kernel, _softmax_lse_kernel
 from ._tile import _tile_bwd_kernel, _tile_fwd_kernel
 
 __all__ = ["forward", "backward", "launch_config", "LaunchConfig", "needs_int64", "occupancy"]
 
-SOFTMAX, SIGMOID, NONE = 0, 1, 2  # values of the ACTIVATION constexpr
-_ACT_CODE = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "none": NONE}
+SOFTMAX, SIGMOID, NONE, ARGMAX, THRESHOLD = 0, 1, 2, 3, 4  # values of the ACTIVATION constexpr
+_ACT_CODE = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "none": NONE, "argmax": ARGMAX, "threshold": THRESHOLD}
+HARD_ACTIVATIONS = ("argmax", "threshold")  # evaluation-only (forward) activations these kernels compute
 
 MAX_TILE_C = 128  # beyond this many channels, the chunked kernels
 CHUNK_BLOCK_C = 64
@@ -318,12 +319,12 @@ def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Opt
         else:
             const.update(BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m)
             kernel, rows = _dice_fwd_kernel, N * triton.cdiv(C, cfg.block_c)
-        lse = None
-        if cfg.chunked and activation == "softmax":
+        lse = None  # chunked: per-pixel log-sum-exp (softmax) or argmax index, from a first pass
+        if cfg.chunked and activation in ("softmax", "argmax"):
             lcfg = launch_config(C, M, x.dtype, backward=True)
             lse = torch.empty((N, M), dtype=acc, device=x.device)
             lse_tiles = triton.cdiv(M, lcfg.block_m)
-            _softmax_lse_kernel[(N * lse_tiles,)](
+            (_softmax_lse_kernel if activation == "softmax" else _argmax_kernel)[(N * lse_tiles,)](
                 x, lse, C, M, lse_tiles, *x.stride(),
                 BLOCK_C=lcfg.block_c, BLOCK_M=lcfg.block_m, INT64=const["INT64"], FP64=acc == torch.float64,
                 num_warps=lcfg.num_warps,
@@ -362,6 +363,10 @@ def backward(grad: Tensor, x: Tensor, t: Tensor, activation: str, power: int, ig
 
     and 0 on ignored pixels.  grad[:, 2] (the target volume) gets no gradient.
     """
+    if activation in HARD_ACTIVATIONS:
+        from ..reference import hard_backward_message
+
+        raise RuntimeError(hard_backward_message(activation))
     N, C, M, labels, stride_t = _check(x, t, activation, power)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if grad.shape != (N, 3, C):

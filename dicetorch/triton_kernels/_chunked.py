@@ -38,10 +38,14 @@ def _load_x(x_base, offs_c, offs_m, cmask, mmask, stride_xc, stride_xm, ACTIVATI
 
 @triton.jit
 def _elementwise_act(x, ACTIVATION: tl.constexpr):
-    """Sigmoid or identity (softmax is handled by the callers, it needs the channel normalizer)."""
+    """Sigmoid, threshold (x > 0) or identity (softmax and argmax need all channels: the callers)."""
     if ACTIVATION == 1:
-        return 1.0 / (1.0 + tl.exp(-x))
-    return x
+        out = 1.0 / (1.0 + tl.exp(-x))
+    elif ACTIVATION == 4:
+        out = tl.where(x > 0, 1.0, 0.0).to(x.dtype)
+    else:
+        out = x
+    return out
 
 
 @triton.jit
@@ -124,6 +128,42 @@ def _softmax_lse_kernel(
     tl.store(lse_ptr + n * M + offs_m, run_max + tl.log(run_sum), mask=mmask)
 
 
+@triton.jit
+def _argmax_kernel(
+    x_ptr, idx_ptr, C, M, tiles_per_image, stride_xn, stride_xc, stride_xm,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, INT64: tl.constexpr, FP64: tl.constexpr,
+):
+    """idx[n, m] = torch.argmax(x[n, :, m]) over chunks of channels, stored as a float.
+
+    Ties go to the lowest index (an earlier chunk keeps the lead on equal maxima), the first NaN
+    wins over any number, all -inf gives 0.
+    """
+    n, j = _image_and_tile(tl.program_id(0), tiles_per_image, INT64)
+    x_base = x_ptr + n * stride_xn
+    arange_c = tl.arange(0, BLOCK_C)
+    offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        arange_c = arange_c.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+    mmask = offs_m < M
+    best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float64 if FP64 else tl.float32)
+    best_idx = tl.zeros([BLOCK_M], dtype=offs_m.dtype)
+    first_nan = tl.full([BLOCK_M], C, dtype=offs_m.dtype)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + arange_c
+        x = _load_x(x_base, offs_c, offs_m, offs_c < C, mmask, stride_xc, stride_xm, 0, FP64)  # padding: -inf
+        nan = x != x
+        first_nan = tl.minimum(first_nan, tl.min(tl.where(nan, offs_c[:, None], C), axis=0))
+        x = tl.where(nan, float("-inf"), x)
+        chunk_max = tl.max(x, axis=0)
+        chunk_idx = tl.min(tl.where(x == chunk_max[None, :], offs_c[:, None], C), axis=0)
+        better = chunk_max > best
+        best_idx = tl.where(better, chunk_idx, best_idx)
+        best = tl.maximum(best, chunk_max)
+    idx = tl.where(first_nan < C, first_nan, best_idx)
+    tl.store(idx_ptr + n * M + offs_m, idx.to(idx_ptr.dtype.element_ty), mask=mmask)
+
+
 @triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles"])  # see _tile_fwd_kernel
 def _dice_fwd_kernel(
     x_ptr, t_ptr, lse_ptr, part_ptr,
@@ -161,6 +201,9 @@ def _dice_fwd_kernel(
         if ACTIVATION == 0:
             lse = tl.load(lse_ptr + n * M + offs_m, mask=mmask, other=0.0)
             p = tl.exp(x - lse[None, :])
+        elif ACTIVATION == 3:  # the per-pixel argmax from _argmax_kernel
+            idx = tl.load(lse_ptr + n * M + offs_m, mask=mmask, other=-1.0)
+            p = tl.where(offs_c[:, None] == idx.to(tl.int64)[None, :], 1.0, 0.0).to(x.dtype)
         else:
             p = _elementwise_act(x, ACTIVATION)
         cls = offs_m  # unused for float targets

@@ -288,10 +288,26 @@ def _tile_math(tgt, x_raw, tile, M, ignore_index, C: tl.constexpr, ACTIVATION: t
         p = e * (1.0 / tl.sum(e, axis=1))[:, None]
     elif ACTIVATION == 1:
         p = 1.0 / (1.0 + tl.exp(-x))
+    elif ACTIVATION == 3:
+        p = tl.where(offs_c[None, :] == _argmax(x, offs_c, cmask, BLOCK_C)[:, None], 1.0, 0.0).to(x.dtype)
+    elif ACTIVATION == 4:
+        p = tl.where(x > 0, 1.0, 0.0).to(x.dtype)  # sigmoid(x) > 0.5; NaN gives 0
     else:
         p = x
     p = tl.where(keep, p, 0.0)
     return p, t, keep
+
+
+@triton.jit
+def _argmax(x, offs_c, cmask, BLOCK_C: tl.constexpr):
+    """Per pixel, torch.argmax over the channels: the lowest index among equal maxima; a NaN counts
+    as the largest value (the first NaN wins); all -inf gives 0.  Padding channels never win."""
+    x = tl.where(cmask[None, :], x, float("-inf"))
+    nan = x != x
+    first_nan = tl.min(tl.where(nan, offs_c[None, :], BLOCK_C), axis=1)
+    x = tl.where(nan, float("-inf"), x)
+    first_max = tl.min(tl.where(x == tl.max(x, axis=1)[:, None], offs_c[None, :], BLOCK_C), axis=1)
+    return tl.where(first_nan < BLOCK_C, first_nan, first_max)
 
 
 @triton.jit
