@@ -1,0 +1,83 @@
+// The CUDA kernels of csrc/cuda/dice_kernels.cuh run by the CPU emulation of emu_cuda.h, behind
+// the same host orchestration (launch plan, grids, chunking) as dice_cuda.cu.  Built and driven by
+// tests/test_cuda_emulation.py.
+#include "emu_cuda.h"
+
+#include <torch/extension.h>
+
+#include <tuple>
+#include <type_traits>
+
+#include "../../csrc/cuda/dice_kernels.cuh"
+
+namespace {
+
+struct EmuBackend {
+  int64_t resident;  // resident blocks of the "device" (what occupancy x SMs would give)
+
+  int64_t max_programs(const void*) { return resident; }
+
+  void track(const at::Tensor& t) {
+    if (t.defined() && t.numel() > 0) {
+      // the whole storage: views may start before or end after their own elements
+      const auto& st = t.storage();
+      emu::memory().add(st.data(), st.nbytes(), "tensor");
+    }
+  }
+
+  template <typename... KArgs, typename... A>
+  void launch(void (*kernel)(KArgs...), dim3 grid, A&&... args) {
+    std::tuple<std::decay_t<KArgs>...> tup(std::forward<A>(args)...);
+    emu::run_grid(grid, [&]() { std::apply(kernel, tup); });
+  }
+};
+
+dicetorch::DiceOptions options(const std::string& activation, int64_t power, std::optional<int64_t> ignore_index) {
+  dicetorch::DiceOptions o;
+  o.activation = activation == "softmax" ? dicetorch::kSoftmax : activation == "sigmoid" ? dicetorch::kSigmoid
+                                                                                          : dicetorch::kNone;
+  o.power = static_cast<int>(power);
+  o.has_ignore = ignore_index.has_value();
+  o.ignore_index = ignore_index.value_or(0);
+  return o;
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const std::string& activation, int64_t power,
+                   std::optional<int64_t> ignore_index, int64_t resident) {
+  emu::memory().ranges.clear();
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor stats = at::empty({x.size(0), 3, x.size(1)}, x.options().dtype(acc));
+  EmuBackend be{resident};
+  dicetorch::cuda::run_forward(be, x, t, stats, options(activation, power, ignore_index));
+  return stats;
+}
+
+at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const std::string& activation,
+                    int64_t power, std::optional<int64_t> ignore_index, int64_t resident) {
+  emu::memory().ranges.clear();
+  at::Tensor gx = x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
+                                                   : at::empty(x.sizes(), x.options());
+  EmuBackend be{resident};
+  dicetorch::cuda::run_backward(be, grad, x, t, gx, options(activation, power, ignore_index));
+  return gx;
+}
+
+/// The launch plan of the kernels for C channels (what the emulation exercises).
+std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t> plan(const at::Tensor& x, const at::Tensor& t) {
+  std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t> out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "plan", [&] {
+    const bool cl = dicetorch::cuda::use_channels_last(x);
+    const auto p = t.is_floating_point() ? dicetorch::cuda::make_plan<scalar_t, false>(x.size(1), cl)
+                                         : dicetorch::cuda::make_plan<scalar_t, true>(x.size(1), cl);
+    out = std::make_tuple(p.cl, p.wide, int64_t(p.nch), int64_t(p.G), int64_t(p.chunk), p.pb);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+  m.def("plan", &plan, "(channels_last, wide, slots, lanes per pixel, channels per launch, pixels per block step)");
+}
