@@ -119,6 +119,8 @@ def test_matches_independent_formula(backend, dtype, activation, kind, ignore_in
 @pytest.mark.parametrize("activation", HARD)
 def test_shapes_and_layouts_bitwise(backend, n, c, spatial, channels_last, activation):
     """Kernel == reference bit for bit: shapes (tails of a vector, several chunks), C up to 130, layouts."""
+    if INTERPRETED and spatial == (64, 67):
+        spatial = (33, 35)  # many Triton programs still; the interpreter takes ~1 ms per program
     for kind in ("labels", "onehot"):
         x, t = make(n, c, spatial, kind, torch.float32, channels_last=channels_last, seed=c)
         got = ops.dice_stats(x, t, activation, 1, None, backend=backend)
