@@ -34,9 +34,9 @@ C <= 8: no barrier in the forward's tile loop nor anywhere in the backward; 128-
 gradient access for contiguous input, and for channels-last input whose pixels make whole 16-byte
 groups; C <= 16 (not fp64): one exp per element and direction (a Triton register tile pads C to a
 power of two: padding channels cost an exp, never a load), occupancy >= 50 % -- or, for a kernel
-that registers limit below it, at least MIN_IN_FLIGHT bytes of logits loads in flight per SM
-(resident threads x logits bytes per tile iteration: latency is hidden by independent loads per
-thread instead of by warps); persistent grids without a partial extra wave (their size comes from
+that registers limit below it, at least MIN_IN_FLIGHT bytes of loads in flight per SM (resident
+threads x bytes of logits and labels loaded per tile iteration: latency is hidden by independent
+loads per thread instead of by warps); persistent grids without a partial extra wave (their size comes from
 the compiled kernel's occupancy, traced here through the module's resident-programs hook).
 Without ``--check`` it exits 1 only if a kernel fails to compile.
 
@@ -89,13 +89,18 @@ def triton_entry_points(tk, x, t, grad, spec):
 
 
 CUDA_SOURCE = "csrc/cuda/dice_cuda.cu"
-CUDA_KERNELS = {  # __global__ name -> (direction, {pointer parameter position: role})
-    "forward_partial_kernel": ("fwd", {0: "logits", 1: "target"}),
-    "reduce_partial_kernel": ("fwd", {}),
-    "backward_kernel": ("bwd", {1: "logits", 2: "target", 3: "grad"}),
+CUDA_KERNELS = {  # __global__ name -> (direction, {pointer parameter position: role}, template argument names)
+    "forward_partial_kernel": ("fwd", {0: "logits", 1: "target"}, ("dtype", "labels", "acc", "slots", "cl", "wide")),
+    "reduce_partial_kernel": ("fwd", {}, ("acc",)),
+    "pixel_norm_kernel": ("fwd", {0: "logits"}, ("dtype", "acc", "cl")),
+    "backward_kernel": ("bwd", {1: "logits", 2: "target", 3: "grad"}, ("dtype", "labels", "acc", "slots", "cl", "wide")),
 }
-CUDA_TEMPLATE_ARGS = ("dtype", "target", "labels", "acc")  # names of the template arguments, in order;
-# an argument named "C" or "layout" narrows the rules to that channel count / layout
+# "cl" (true: channels-last) sets the layout; "wide" kernels (a pixel's channel group spans warps,
+# reductions through shared memory) serve C > 256 only, so the small-C rules do not apply to them;
+# nor to CUDA_WIDE_ONLY kernels.  The label dtype is a run-time argument ("labels" false: float
+# target).  The CUDA kernels pick 128-bit or scalar accesses at run time (alignment, tails), so
+# their rows report the widest logits load and gradient store: the aligned path.
+CUDA_WIDE_ONLY = {"pixel_norm_kernel"}
 
 # ==============================================================================================
 DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
@@ -109,7 +114,8 @@ BARRIER_FREE_MAX_C = 8  # C <= this: no barrier in the tile loop / the backward
 SMALL_C = 16  # C <= this: channels in registers, one exp per element, >= 50 % occupancy
 MIN_OCCUPANCY = 0.5
 # A register-limited kernel may stay below MIN_OCCUPANCY if each thread keeps enough independent
-# loads in flight: by Little's law an H100 SM needs about 3.35 TB/s x ~1 us / 132 SMs = 25 KiB.
+# loads (logits and labels) in flight: by Little's law an H100 SM needs about 3.35 TB/s x ~1 us /
+# 132 SMs = 25 KiB.
 MIN_IN_FLIGHT = 32 * 1024
 WAVE_N = (1, 2, 3, 5, 7, 16)  # batch sizes at which persistent grids are checked for a partial wave
 SASS = os.environ.get("KERNEL_REPORT_SASS") == "1"  # --sass: also count SASS instructions (slow)
@@ -272,7 +278,7 @@ def _dump(dump_dir, row, name, ptx):
     ``cuda_{fwd|bwd}_{dtype}_{target}_sm{arch}__{kernel}.ptx`` (CUDA)."""
     os.makedirs(dump_dir, exist_ok=True)
     if row["backend"] == "cuda":
-        fname = f"cuda_{row['direction']}_{name}_sm{row['arch']}__{row['kernel']}.ptx"
+        fname = f"cuda_{row['direction']}_{name}_{row['tile'] or '-'}_sm{row['arch']}__{row['kernel']}.ptx"
     else:
         suffix = "" if row["kernel"] in TRITON_MAIN.get(row["direction"], ()) else f"__{row['kernel']}"
         fname = f"{row['direction']}_{name}_sm{row['arch']}{suffix}.ptx"
@@ -335,21 +341,25 @@ def compile_cuda(arch: int, dump_dir=None) -> list:
         base = re.sub(r"<.*", "", pretty).split("::")[-1]
         if base not in CUDA_KERNELS:
             continue
-        direction, roles = CUDA_KERNELS[base]
-        targs = dict(zip(CUDA_TEMPLATE_ARGS, kb.template_args(pretty)))
+        direction, roles, names = CUDA_KERNELS[base]
+        targs = dict(zip(names, kb.template_args(pretty)))
         dtype = CXX_DTYPE.get(targs.get("dtype", targs.get("acc", "")), targs.get("dtype", "?"))
-        target = "float" if targs.get("labels") == "false" else CXX_DTYPE.get(targs.get("target", ""), "-")
-        C = int(targs["C"]) if targs.get("C", "").isdigit() else "any"
+        target = "float" if targs.get("labels") == "false" else "labels"
+        C = "wide" if targs.get("wide") == "true" or base in CUDA_WIDE_ONLY else "any"
         r = res.get(mangled, dict(regs=0, stack=0, local=0, shared_static=0))
         threads = ps.threads_per_block(entries[mangled]) or 256
         row = dict(backend="cuda", kernel=base, direction=direction, arch=arch, dtype=dtype, C=C,
-                   layout=targs.get("layout", "any"), act="any", q="any", target=target if roles else "-",
-                   ignore=None, int64=True, group="rules" if target in ("int64", "-") else "cover",
+                   layout={"true": "cl", "false": "contig"}.get(targs.get("cl"), "any"), act="any", q="any",
+                   target=target if roles else "-",
+                   ignore=None, int64=True, group="rules" if target in ("labels", "-") else "cover",
                    tile=",".join(f"{k}={v}" for k, v in targs.items() if k not in ("dtype", "target", "labels", "acc")),
                    num_warps=threads // 32, threads=threads, ok=True, regs=r["regs"], spill=r["stack"] + r["local"],
                    smem=r["shared_static"], grid=None, nvcc_seconds=round(seconds, 1),
                    **ps.occupancy(arch, r["regs"], r["shared_static"], threads),
                    **_analysis(entries[mangled], roles, DTYPE_BITS.get(dtype, 32)))
+        widths = row["mem_widths"]
+        row["logits_ld_bits"] = max(widths.get("ld:logits", [0])) or None
+        row["grad_st_bits"] = max(widths.get("st:grad", [0])) or None
         if sass:
             row["sass"] = sass.get(mangled, {})
         rows.append(row)
@@ -372,11 +382,13 @@ def _needs_128(row) -> bool:
     if row["layout"] in ("contig", "any"):
         return True
     C, nbytes = row["C"], DTYPE_BITS[row["dtype"]] // 8
+    if not isinstance(C, int):  # a C-generic CUDA kernel: its vector path serves C*element % 16 == 0
+        return True
     return C == 1 or (C <= SMALL_C and C & (C - 1) == 0) or (C * nbytes) % 16 == 0
 
 
 def _small(row, limit) -> bool:
-    return row["C"] == "any" or row["C"] <= limit
+    return row["C"] == "any" or (isinstance(row["C"], int) and row["C"] <= limit)
 
 
 def _next_pow2(n: int) -> int:
@@ -384,8 +396,8 @@ def _next_pow2(n: int) -> int:
 
 
 def _bytes_in_flight(row) -> int:
-    """Logits bytes one SM's resident threads load per tile iteration (issued before they are used)."""
-    return int(row.get("warps", 0) * 32 * row.get("elems_per_iter", 0) * DTYPE_BITS.get(row["dtype"], 32) / 8)
+    """Bytes one SM's resident threads load per tile iteration (logits and labels, issued before use)."""
+    return int(row.get("warps", 0) * 32 * row.get("ld_bytes_per_iter", 0))
 
 
 def rules(row, direction_exps=None) -> list:
@@ -417,7 +429,7 @@ def rules(row, direction_exps=None) -> list:
         inflight = _bytes_in_flight(row)
         ok = row["occupancy"] >= MIN_OCCUPANCY - 1e-9 or (row["limiter"] == "registers" and inflight >= MIN_IN_FLIGHT)
         out.append(("occupancy >= 50%", ok, f"{row['occupancy']:.0%} ({row['limiter']}-limited, {row['regs']} regs,"
-                                            f" {inflight / 1024:.0f} KiB of logits in flight per SM)"))
+                                            f" {inflight / 1024:.0f} KiB of loads in flight per SM)"))
     if row.get("waves") is not None:
         w = row["waves"]
         ok = w <= 1.0 + 1e-9 or (w % 1.0) >= 0.5 or (w % 1.0) == 0
@@ -430,8 +442,10 @@ def attach_rules(rows):
     totals: dict = {}
 
     def key(r):
+        # a C-generic CUDA instantiation serves its own range of C: it is its direction's only kernel
+        own = r["tile"] if r["backend"] == "cuda" and r["C"] == "any" else ""
         return (r["backend"], r["arch"], r["dtype"], r["C"], r["layout"], r["act"], r["q"], r["target"],
-                r["ignore"], r["int64"], r["direction"])
+                r["ignore"], r["int64"], r["direction"], own)
 
     for r in rows:
         if r.get("ok") and r.get("exps_per_elem") is not None:

@@ -16,7 +16,9 @@ Used by ``benchmarks/kernel_report.py``; nothing here knows about dicetorch's ke
     branchy online softmax has an exp in each arm, but one arm runs): logits elements loaded, exps
     (``ex2.approx``), the narrowest logits load and gradient store in bits, and the barriers
     (``bar.sync``/``barrier.*``) anywhere inside the loop, nested loops included;
-  - ``exps_per_elem`` = sum over passes of exps / elements (1.0: one exp per element and direction).
+  - ``exps_per_elem`` = sum over passes of exps / elements (1.0: one exp per element and direction);
+  - ``ld_bytes_per_iter``: bytes of all global loads (logits, labels, ...) one thread issues per
+    iteration of the main pass, along its heaviest path.
 
 * :func:`res_usage` reads registers, stack, local (spill) and static shared memory per function
   from ``cuobjdump -res-usage``; :func:`sass_counts` counts MUFU.EX2, BAR and LDG/STG widths in
@@ -211,7 +213,7 @@ def analyze_ptx(entry_ptx: str, roles: dict, elem_bits: int) -> dict:
     stats = []  # per block
     mem = []  # (block, role, "ld"/"st", bits)
     for b, (_, instrs) in enumerate(blocks):
-        s = dict(exps=0, barriers=0, logits=0, grad=0)
+        s = dict(exps=0, barriers=0, logits=0, grad=0, ld_bytes=0)
         for ins in instrs:
             if _EXP.match(ins.op):
                 s["exps"] += 1
@@ -221,6 +223,8 @@ def analyze_ptx(entry_ptx: str, roles: dict, elem_bits: int) -> dict:
                 params = set().union(*(taint.get(r, ()) for r in ins.addr)) if ins.addr else set()
                 kind = "st" if ins.op.startswith("st") else "ld"
                 bits = _mem_bits(ins.op)
+                if kind == "ld":
+                    s["ld_bytes"] += bits // 8
                 for role in sorted({roles[p] for p in params if p in roles}) or ["other"]:
                     mem.append((b, role, kind, bits))
                     if role == "logits" and kind == "ld":
@@ -317,6 +321,7 @@ def analyze_ptx(entry_ptx: str, roles: dict, elem_bits: int) -> dict:
         gwidths = [bits for (b, role, kind, bits) in mem if b in direct and role == "grad" and kind == "st"]
         passes.append(dict(
             loop=region is not None, blocks=nodes, elems=longest(region, "logits"), exps=longest(region, "exps"),
+            ld_bytes=longest(region, "ld_bytes"),
             barriers=sum(stats[b]["barriers"] for b in nodes),
             ld_bits=min(widths) if widths else None, st_bits=min(gwidths) if gwidths else None,
             nested_in_pass=False,
@@ -342,6 +347,7 @@ def analyze_ptx(entry_ptx: str, roles: dict, elem_bits: int) -> dict:
         loops=len(regions), passes=len(passes), nested_passes=sum(p["nested_in_pass"] for p in passes),
         pass_detail=passes,
         elems_per_iter=main["elems"] if main else 0,
+        ld_bytes_per_iter=main["ld_bytes"] if main else 0,
         exps_per_iter=main["exps"] if main else 0,
         exps_per_elem=(sum(p["exps"] / p["elems"] for p in passes if p["elems"]) if total_exps else None),
         logits_ld_bits=main["ld_bits"] if main else None,
