@@ -69,7 +69,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def init_distributed() -> tuple:
-    """(rank, world size, device): from torchrun's environment, or a world of one process."""
+    """(rank, world size, device): from torchrun's environment, or a world of one process.
+
+    An already initialized process group (a caller that set one up) is used as it is."""
+    if dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if dist.get_backend() == "nccl":
+            return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank % torch.cuda.device_count())
+        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     if "RANK" not in os.environ:  # started with plain python: a process group of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -102,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from tqdm import tqdm
 
     args = parse_args(argv)
+    owns_group = not dist.is_initialized()
     rank, world, device = init_distributed()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local))
@@ -168,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               + ("" if args.min_dice is None else f"; min-dice {args.min_dice}: {'ok' if ok else 'NOT reached'}"),
               flush=True)
     dist.barrier()
-    dist.destroy_process_group()
+    if owns_group:
+        dist.destroy_process_group()
     return {**history, "dice": dice.tolist(), "figure": figure, "seconds": seconds, "ok": ok}
 
 
