@@ -155,12 +155,12 @@ def batch_sums(*tensors: Tensor, distributed: bool = False, process_group=None) 
     return out
 
 
-def _stats(input, target, *, activation, power, ignore_index, backend) -> Tensor:
-    """Validated call of the operator; returns (N, 3, C)."""
+def _stats(input, target, *, activation, power, ignore_index, backend, pixel_loss="none", gamma=2.0) -> Tensor:
+    """Validated call of the operator; returns (N, 3, C), or (N, 5, C) with a pixel loss."""
     ignore_index = ops.as_ignore_index(ignore_index)
-    ops.check_inputs(input, target, activation, power, ignore_index)
+    ops.check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
     ops.check_target_values(input, target, ignore_index)
-    return ops.dice_stats(input, target, activation, power, ignore_index, backend)
+    return ops.dice_stats(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
 
 
 def _class_slice(x: Tensor, include_background: bool) -> Tensor:
@@ -279,10 +279,18 @@ def dice_loss(
                ignore_index=ignore_index, backend=backend)
     if batch:
         (s,) = batch_sums(s, distributed=distributed, process_group=process_group)
+    return _dice_epilogue(s, batch=batch, include_background=include_background, smooth_nr=smooth_nr,
+                          smooth_dr=smooth_dr, log_loss=log_loss, class_weights=class_weights, reduction=reduction)
+
+
+def _dice_epilogue(s: Tensor, *, batch, include_background, smooth_nr, smooth_dr, log_loss, class_weights,
+                   reduction) -> Tensor:
+    """:func:`dice_loss` from the stats (N, >=3, C), already summed over the batch (1, ., C) with ``batch``."""
+    num_classes = s.shape[-1]
     s = _class_slice(s, include_background)
-    i, p, t = s.unbind(1)
+    i, p, t = s[:, 0], s[:, 1], s[:, 2]
     loss = _ratio_to_loss((2.0 * i + smooth_nr) / (p + t + smooth_dr), log_loss)
-    w = _class_weights(class_weights, input.shape[1], include_background, loss)
+    w = _class_weights(class_weights, num_classes, include_background, loss)
     if w is not None:
         loss = loss * w
     if batch:
@@ -370,19 +378,34 @@ def generalized_dice_loss(
     check_distributed(distributed, batch, process_group)
     power = 2 if squared else 1
     s = _stats(input, target, activation=activation, power=power, ignore_index=ignore_index, backend=backend)
-    vol = None
-    if power == 2 and target.is_floating_point():
-        # soft targets: sum t != sum t^2, and the weights are defined on the linear volume
-        vol = target.detach().to(s.dtype).reshape(s.shape[0], s.shape[2], -1).sum(-1)  # also 0 spatial dims
+    vol = linear_volume(s, target, power)
     if batch:
         s, *rest = batch_sums(s, *([] if vol is None else [vol]), distributed=distributed,
                               process_group=process_group)
         vol = rest[0] if rest else None
+    return _generalized_epilogue(s, vol, batch=batch, include_background=include_background, smooth_nr=smooth_nr,
+                                 smooth_dr=smooth_dr, log_loss=log_loss, class_weights=class_weights,
+                                 reduction=reduction, weighting=weighting, absent_weight=absent_weight)
+
+
+def linear_volume(s: Tensor, target: Tensor, power: int) -> Optional[Tensor]:
+    """(N, C) sum_m t where it differs from the stats' T row (soft targets with q = 2), else None."""
+    if power == 2 and target.is_floating_point():
+        # soft targets: sum t != sum t^2, and the weights are defined on the linear volume
+        return target.detach().to(s.dtype).reshape(s.shape[0], s.shape[2], -1).sum(-1)  # also 0 spatial dims
+    return None
+
+
+def _generalized_epilogue(s: Tensor, vol: Optional[Tensor], *, batch, include_background, smooth_nr, smooth_dr,
+                          log_loss, class_weights, reduction, weighting, absent_weight) -> Tensor:
+    """:func:`generalized_dice_loss` from the stats (N, >=3, C) and the linear volumes (or None: T),
+    both already summed over the batch with ``batch``."""
+    num_classes = s.shape[-1]
     if vol is None:
         vol = s[:, 2]
     s = _class_slice(s, include_background)
     vol = _class_slice(vol, include_background).detach()
-    i, p, t = s.unbind(1)
+    i, p, t = s[:, 0], s[:, 1], s[:, 2]
 
     if weighting == "uniform":
         w = torch.ones_like(vol)
@@ -392,7 +415,7 @@ def generalized_dice_loss(
         w = w.masked_fill(absent, 0.0)
         if absent_weight == "max":
             w = torch.where(absent, w.amax(dim=-1, keepdim=True), w)
-    cw = _class_weights(class_weights, input.shape[1], include_background, w)
+    cw = _class_weights(class_weights, num_classes, include_background, w)
     if cw is not None:
         w = w * cw
     score = (2.0 * (w * i).sum(-1) + smooth_nr) / ((w * (p + t)).sum(-1) + smooth_dr)

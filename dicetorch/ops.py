@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import operator
 import os
 import warnings
@@ -41,7 +42,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import reference
-from .reference import HARD_ACTIVATIONS, acc_dtype
+from .reference import HARD_ACTIVATIONS, PIXEL_LOSSES, acc_dtype, stats_rows
 
 __all__ = ["dice_stats", "HARD_ACTIVATIONS", "hard_activation_backends", "supports_hard_activation", "dice_stats_op", "dice_stats_backward", "as_ignore_index", "available_backends", "resolve_backend", "check_target_values", "extension_info",
            "BackendUnavailableError"]
@@ -93,12 +94,12 @@ class _Extension:
     """Backend adapter over the dicetorch::fused_* operators of the compiled extension."""
 
     @staticmethod
-    def forward(input, target, activation, power, ignore_index):
-        return torch.ops.dicetorch.fused_forward(input, target, activation, power, ignore_index)
+    def forward(input, target, activation, power, ignore_index, *pixel):
+        return torch.ops.dicetorch.fused_forward(input, target, activation, power, ignore_index, *pixel)
 
     @staticmethod
-    def backward(grad, input, target, activation, power, ignore_index):
-        return torch.ops.dicetorch.fused_backward(grad, input, target, activation, power, ignore_index)
+    def backward(grad, input, target, activation, power, ignore_index, *pixel):
+        return torch.ops.dicetorch.fused_backward(grad, input, target, activation, power, ignore_index, *pixel)
 
 
 class _Reference:
@@ -135,10 +136,11 @@ def available_backends(device: torch.device | str = "cpu") -> list:
     return out
 
 
-# Backends whose kernels compute the hard activations.  The Triton module declares its own support in
-# a module attribute ``HARD_ACTIVATIONS`` (a tuple of the names it implements); the CUDA extension
-# joins this set when its kernels implement them (csrc/dice.cpp refuses them until then).
+# Backends whose kernels compute the hard activations / the pixel-loss rows.  The Triton module
+# declares its own support in the module attributes ``HARD_ACTIVATIONS`` and ``PIXEL_LOSSES``; the
+# CUDA extension joins these sets when its kernels implement them (csrc/dice.cpp refuses them until then).
 _HARD_KERNELS = frozenset({"reference", "cpu"})
+_PIXEL_KERNELS = frozenset({"reference", "cpu"})
 
 
 def supports_hard_activation(backend: str, activation: str = "argmax") -> bool:
@@ -149,30 +151,47 @@ def supports_hard_activation(backend: str, activation: str = "argmax") -> bool:
     return backend in _HARD_KERNELS
 
 
+def supports_pixel_loss(backend: str, pixel_loss: str = "ce") -> bool:
+    """Whether ``backend`` computes the pixel-loss rows ("ce" / "focal") in its fused pass."""
+    if pixel_loss == "none":
+        return True
+    if backend == "triton":
+        module = _triton_module()
+        return module is not None and pixel_loss in getattr(module, "PIXEL_LOSSES", ())
+    return backend in _PIXEL_KERNELS
+
+
+def _supports(backend: str, activation: Optional[str], pixel_loss: str) -> bool:
+    hard_ok = activation not in HARD_ACTIVATIONS or supports_hard_activation(backend, activation)
+    return hard_ok and supports_pixel_loss(backend, pixel_loss)
+
+
 def hard_activation_backends(device: torch.device | str = "cpu", activation: str = "argmax") -> list:
     """Backends available for ``device`` that compute the hard ``activation`` (see :data:`HARD_ACTIVATIONS`)."""
     return [b for b in available_backends(device) if supports_hard_activation(b, activation)]
 
 
-def resolve_backend(backend: str, device: torch.device, activation: Optional[str] = None) -> str:
+def resolve_backend(backend: str, device: torch.device, activation: Optional[str] = None,
+                    pixel_loss: str = "none") -> str:
     """Turn ``backend`` (possibly "auto") into a concrete backend usable on ``device``.
 
-    With a hard ``activation``, "auto" picks the fastest backend that implements it (the reference
-    where no kernel does), and a named backend that does not implement it raises
+    With a hard ``activation`` or a ``pixel_loss``, "auto" picks the fastest backend that implements
+    it (the reference where no kernel does), and a named backend that does not implement it raises
     :class:`BackendUnavailableError`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     avail = available_backends(device)
-    hard = activation in HARD_ACTIVATIONS
     if backend == "auto":
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-        return next((b for b in order if b in avail and (not hard or supports_hard_activation(b, activation))),
-                    "reference")
-    if hard and backend in avail and not supports_hard_activation(backend, activation):
+        return next((b for b in order if b in avail and _supports(b, activation, pixel_loss)), "reference")
+    if backend in avail and not _supports(backend, activation, pixel_loss):
+        what = f"the hard activation {activation!r}" if activation in HARD_ACTIVATIONS and \
+            not supports_hard_activation(backend, activation) else f"pixel_loss={pixel_loss!r}"
+        able = [b for b in avail if _supports(b, activation, pixel_loss)]
         raise BackendUnavailableError(
-            f"backend={backend!r} does not implement the hard activation {activation!r} yet; backends that do "
-            f"for {device.type} tensors: {hard_activation_backends(device, activation)} (backend='auto' picks one)"
+            f"backend={backend!r} does not implement {what} yet; backends that do for {device.type} tensors: "
+            f"{able} (backend='auto' picks one)"
         )
     if backend not in avail:
         why = {
@@ -197,10 +216,19 @@ def _impl(backend: str):
 # ----------------------------------------------------------------------------------------------
 # Input checks and canonical layout
 # ----------------------------------------------------------------------------------------------
-def check_inputs(input: Tensor, target: Tensor, activation: str, power: int, ignore_index: Optional[int]) -> None:
+def check_inputs(input: Tensor, target: Tensor, activation: str, power: int, ignore_index: Optional[int],
+                 pixel_loss: str = "none", gamma: float = 2.0) -> None:
     """Shape/dtype/option checks that need no data (safe under torch.compile)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("input and target must be torch.Tensor")
+    if pixel_loss not in PIXEL_LOSSES:
+        raise ValueError(f"pixel_loss must be one of {PIXEL_LOSSES}, got {pixel_loss!r}")
+    if pixel_loss != "none" and activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"pixel_loss={pixel_loss!r} needs activation 'softmax' or 'sigmoid' (logits), "
+                         f"got activation={activation!r}")
+    if not isinstance(gamma, (float, int, torch.SymFloat, torch.SymInt)) or isinstance(gamma, bool) \
+            or not gamma >= 0 or gamma == math.inf:
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if activation not in ACTIVATIONS and activation not in HARD_ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS + HARD_ACTIVATIONS}, got {activation!r}")
     if power not in (1, 2):
@@ -366,8 +394,10 @@ def dice_stats(
     power: int = 1,
     ignore_index: Optional[int] = None,
     backend: str = "auto",
+    pixel_loss: str = "none",
+    gamma: float = 2.0,
 ) -> Tensor:
-    """Per-class Dice statistics of ``input`` against ``target``.
+    """Per-class Dice statistics of ``input`` against ``target`` (and of a pixel loss, fused).
 
     Args:
         input: (N, C, *spatial) logits (or probabilities with ``activation="none"``), any float dtype,
@@ -381,11 +411,15 @@ def dice_stats(
         power: q in {1, 2}; 2 gives the squared (V-Net) volumes.
         ignore_index: label value whose pixels count nowhere (integer targets only).
         backend: "auto" | "reference" | "triton" | "cpu" | "cuda".
+        pixel_loss: "none", or "ce" / "focal" for the rows of a compound loss (softmax or sigmoid).
+        gamma: the focal exponent (``pixel_loss="focal"``).
 
     Returns:
-        (N, 3, C) float32 (float64 for float64 input)::
+        (N, 3, C) float32 (float64 for float64 input), (N, 5, C) with a pixel loss::
 
             [:, 0] = I = sum_m p*t,   [:, 1] = P = sum_m p^q,   [:, 2] = T = sum_m t^q
+            [:, 3] = X = sum_m t*e,   [:, 4] = L = sum_m e     (e: the pixel loss's element term,
+                                                                 see :mod:`dicetorch.reference`)
 
     Differentiable in ``input`` through a hand-derived backward (see
     :func:`dicetorch.reference.dice_stats_backward_reference`); the target gets no gradient.
@@ -394,7 +428,9 @@ def dice_stats(
     :data:`dice_stats_op` (``torch.ops.dicetorch.dice_stats``).
     """
     ignore_index = as_ignore_index(ignore_index)
-    check_inputs(input, target, activation, power, ignore_index)
+    if isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
+        gamma = float(gamma)
+    check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
     if activation in HARD_ACTIVATIONS:
         input = input.detach()  # a step function: no gradient, and the result never requires grad
     if _needs_reference(input, target):
@@ -404,8 +440,8 @@ def dice_stats(
             raise ValueError("target requires grad, but dice_stats gives no gradient to the target; "
                              "pass target.detach()")
         x, t = canonical(input, target)
-        return reference.dice_stats_reference(x, t, activation, power, ignore_index)
-    return dice_stats_op(input, target, activation, power, ignore_index, backend)
+        return reference.dice_stats_reference(x, t, activation, power, ignore_index, pixel_loss, gamma)
+    return dice_stats_op(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
 
 
 @torch.library.custom_op("dicetorch::dice_stats", mutates_args=())
@@ -416,17 +452,22 @@ def dice_stats_op(
     power: int,
     ignore_index: Optional[int],
     backend: str,
+    pixel_loss: str = "none",
+    gamma: float = 2.0,
 ) -> Tensor:
-    """The custom operator behind :func:`dice_stats` (same arguments, no defaults, no coercion)."""
-    check_inputs(input, target, activation, power, ignore_index)
+    """The custom operator behind :func:`dice_stats` (same arguments, no coercion)."""
+    check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
     x, t = canonical(input, target)
-    return _impl(resolve_backend(backend, input.device, activation)).forward(x, t, activation, power, ignore_index)
+    impl = _impl(resolve_backend(backend, input.device, activation, pixel_loss))
+    if pixel_loss == "none":  # the three-row signature every backend has
+        return impl.forward(x, t, activation, power, ignore_index)
+    return impl.forward(x, t, activation, power, ignore_index, pixel_loss, gamma)
 
 
 @dice_stats_op.register_fake
-def _(input, target, activation, power, ignore_index, backend):
-    check_inputs(input, target, activation, power, ignore_index)
-    return input.new_empty((input.shape[0], 3, input.shape[1]), dtype=acc_dtype(input.dtype))
+def _(input, target, activation, power, ignore_index, backend, pixel_loss="none", gamma=2.0):
+    check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
+    return input.new_empty((input.shape[0], stats_rows(pixel_loss), input.shape[1]), dtype=acc_dtype(input.dtype))
 
 
 def _like_input(g: Tensor, input: Tensor) -> Tensor:
@@ -453,30 +494,34 @@ def dice_stats_backward(
     power: int,
     ignore_index: Optional[int],
     backend: str,
+    pixel_loss: str = "none",
+    gamma: float = 2.0,
 ) -> Tensor:
-    """Input gradient of :func:`dice_stats` for ``grad`` = dL/dstats (N, 3, C); like ``torch.empty_like(input)``."""
+    """Input gradient of :func:`dice_stats` for ``grad`` = dL/dstats (N, 3 or 5, C); like ``torch.empty_like(input)``."""
     if activation in HARD_ACTIVATIONS:
         raise RuntimeError(reference.hard_backward_message(activation))
     x, t = canonical(input, target)
-    g = _impl(resolve_backend(backend, input.device)).backward(
-        grad.contiguous(), x, t, activation, power, ignore_index
-    )
+    impl = _impl(resolve_backend(backend, input.device, activation, pixel_loss))
+    if pixel_loss == "none":
+        g = impl.backward(grad.contiguous(), x, t, activation, power, ignore_index)
+    else:
+        g = impl.backward(grad.contiguous(), x, t, activation, power, ignore_index, pixel_loss, gamma)
     return _like_input(g, input)
 
 
 @dice_stats_backward.register_fake
-def _(grad, input, target, activation, power, ignore_index, backend):
+def _(grad, input, target, activation, power, ignore_index, backend, pixel_loss="none", gamma=2.0):
     return torch.empty_like(input)
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, activation, power, ignore_index, backend = inputs
+    input, target, activation, power, ignore_index, backend, pixel_loss, gamma = inputs
     if isinstance(target, Tensor) and target.requires_grad:
         raise ValueError(
             "target requires grad, but dice_stats gives no gradient to the target; pass target.detach()"
         )
     ctx.save_for_backward(input, target)
-    ctx.args = (activation, power, ignore_index, backend)
+    ctx.args = (activation, power, ignore_index, backend, pixel_loss, gamma)
 
 
 def _backward(ctx, grad):
@@ -488,13 +533,13 @@ def _backward(ctx, grad):
         if torch.is_grad_enabled():
             # create_graph=True (double backward): the reference backward is plain PyTorch, so
             # autograd differentiates it again.  (Under torch.compile grad mode is off here.)
-            activation, power, ignore_index, _ = ctx.args
+            activation, power, ignore_index, _, pixel_loss, gamma = ctx.args
             x, t = canonical(input, target)
-            grad_input = _like_input(
-                reference.dice_stats_backward_reference(grad, x, t, activation, power, ignore_index), input)
+            grad_input = _like_input(reference.dice_stats_backward_reference(
+                grad, x, t, activation, power, ignore_index, pixel_loss, gamma), input)
         else:
             grad_input = dice_stats_backward(grad, input, target, *ctx.args)
-    return grad_input, None, None, None, None, None
+    return grad_input, None, None, None, None, None, None, None
 
 
 dice_stats_op.register_autograd(_backward, setup_context=_setup_context)
