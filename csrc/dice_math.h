@@ -116,4 +116,178 @@ DICE_HD void online_softmax_merge(T& m1, T& s1, T m2, T s2, ExpFn exp_fn) {
   s1 = a + b;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Pixel losses of the compound losses (Dice + cross-entropy / focal): the element term e of the
+// rows X = sum_m t e and L = sum_m e, and its gradient, from the exps the activation already took.
+// Exact definitions and the derivation: dicetorch/reference.py (pixel_term, _pixel_backward).
+//
+// The formulas need selects, |.|, max, log1p, exp and pow besides arithmetic.  They take them from
+// a policy M (T = the arithmetic type, Mask = what T's comparisons return):
+//   M::select(mask, a, b)  mask ? a : b per lane     M::log1p, M::exp, M::abs
+//   M::pow(base, gamma)    base^gamma                 (gamma a scalar double)
+// ScalarMath below serves float/double (the CUDA kernels, host code); the CPU kernel supplies one
+// over at::vec::Vectorized (select = blendv).
+// ---------------------------------------------------------------------------------------------
+
+enum PixelLoss : int { kPixelNone = 0, kPixelCE = 1, kPixelFocal = 2 };
+
+/// base^gamma of the focal factors; gamma in {0, 1, 2} (2 is everybody's default) as products.
+struct FocalGamma {
+  int mode;      // 0, 1, 2: gamma is that integer; 3: any other gamma >= 0 (pow)
+  double gamma;
+};
+
+inline FocalGamma focal_gamma(double gamma) {
+  const int mode = gamma == 0.0 ? 0 : gamma == 1.0 ? 1 : gamma == 2.0 ? 2 : 3;
+  return FocalGamma{mode, gamma};
+}
+
+template <typename T>
+struct ScalarMath {
+  static DICE_HD T select(bool c, T a, T b) { return c ? a : b; }
+  static DICE_HD T log1p(T x) {
+    using std::log1p;
+    return log1p(x);
+  }
+  static DICE_HD T exp(T x) {
+    using std::exp;
+    return exp(x);
+  }
+  static DICE_HD T abs(T x) {
+    using std::fabs;
+    return fabs(x);
+  }
+  static DICE_HD T pow(T x, double g) {
+    using std::pow;
+    return pow(x, static_cast<T>(g));
+  }
+};
+
+/// base^gamma for base in [0, 1] (0^gamma = 0 for gamma > 0, 1 for gamma = 0).
+template <typename M, typename T>
+DICE_HD T pow_gamma(T base, const FocalGamma& g) {
+  switch (g.mode) {
+    case 0: return T(1);
+    case 1: return base;
+    case 2: return base * base;
+    default: return M::pow(base, g.gamma);
+  }
+}
+
+/// t * e, except 0 where t == 0 and e == +inf: a channel masked with -inf logits has e = -log 0 =
+/// +inf, and pixels that are not of that class must add 0 (t log p -> 0), not 0 * inf = NaN.
+/// A NaN e still makes NaN (NaN in, NaN out).
+template <typename M, typename T>
+DICE_HD T target_times(T t, T e) {
+  return M::select((t == T(0)) & (e == static_cast<T>(INFINITY)), T(0), t * e);
+}
+
+/// The per-element weight of the pixel rows' gradient: w = gX t + gL (a product, so that a NaN in
+/// the incoming gradient spreads as it does through autograd).
+template <typename T>
+DICE_HD T pixel_weight(T g_x, T g_l, T t) {
+  return g_x * t + g_l;
+}
+
+// --- softmax --------------------------------------------------------------------------------
+// Per pixel, with d_k = z_k - max_j z_j and e_k = exp(d_k) (the softmax's own exps), s = sum_k e_k,
+// r = 1/s, p_k = e_k r, and
+//   sm1 = s - 1, summed without the maximum's 1: sum_{d_k < 0} e_k + (#{d_k = 0} - 1),
+// so that log s = log1p(sm1) and 1 - p of the winning channel keep their digits when p rounds to 1
+// (a confident pixel).  One log1p per pixel; no exp beyond the softmax's.
+
+/// Cross-entropy term of channel k: -log p_k = lse(z) - z_k = log1p(sm1) - d_k  (ls = log1p(sm1)).
+template <typename T>
+DICE_HD T softmax_ce_term(T ls, T d) {
+  return ls - d;
+}
+
+/// 1 - p_k = (s - e_k) / s = (sm1 + (1 - e_k)) r: exactly sm1 r for a maximum (e_k = 1).
+template <typename T>
+DICE_HD T softmax_one_minus_p(T sm1, T e, T r) {
+  return (sm1 + (T(1) - e)) * r;
+}
+
+/// Focal term (1 - p)^gamma (-log p), from q = 1 - p and ce = -log p.
+template <typename M, typename T>
+DICE_HD T softmax_focal_term(T q, T ce, const FocalGamma& g) {
+  return pow_gamma<M>(q, g) * ce;
+}
+
+/// Softmax focal backward, per element: h = w (gamma p (1-p)^(gamma-1) log p - (1-p)^gamma); the
+/// input gradient is then h_j - p_j sum_k h_k.  The first term is taken at its limits: 0 as p -> 1
+/// (q -> 0, for every gamma >= 0, also gamma < 1 where (1-p)^(gamma-1) alone diverges) and 0 as
+/// p -> 0 (p log p -> 0: a channel masked with -inf, where ce = +inf).
+template <typename M, typename T>
+DICE_HD T softmax_focal_h(T w, T p, T q, T ce, const FocalGamma& g) {
+  if (g.mode == 0) return -w;  // (1-p)^0 = 1: the cross-entropy's h
+  const T plogp = M::select(ce == static_cast<T>(INFINITY), T(0), -(p * ce));
+  const T qg = pow_gamma<M>(q, g);
+  T slope;
+  if (g.mode == 1) {
+    slope = plogp;
+  } else if (g.mode == 2) {
+    slope = T(2) * plogp * q;
+  } else {  // gamma p log p q^gamma / q; at q == 0 the limit 0
+    slope = M::select(q == T(0), T(0), static_cast<T>(g.gamma) * plogp * (qg / q));
+  }
+  return w * (slope - qg);
+}
+
+// --- sigmoid --------------------------------------------------------------------------------
+/// 1 - p and softplus(z) from e = exp(-z) and p = 1/(1+e) (the sigmoid's own exp), one log1p:
+///   z >= 0:  1 - p = e p,    softplus(z) = z + log1p(e)       (e <= 1)
+///   z <  0:  1 - p = 1 - p,  softplus(z) = -log(1 - p) = -log1p(-p)   (p < 1/2)
+/// so neither loses digits, and no exp(+|z|) can overflow (e = +inf at z = -inf gives p = 0, 1,
+/// softplus 0).  NaN gives NaN.
+template <typename M, typename T>
+DICE_HD void sigmoid_softplus(T z, T e, T p, T& one_minus_p, T& softplus) {
+  const auto pos = z >= T(0);
+  one_minus_p = M::select(pos, e * p, T(1) - p);
+  const T l = M::log1p(M::select(pos, e, -p));
+  softplus = M::select(pos, z + l, -l);
+}
+
+/// Binary cross-entropy with logits, b = softplus(z) - t z; t z is 0 where t == 0 (z = -inf: b = 0).
+template <typename M, typename T>
+DICE_HD T bce_term(T softplus, T t, T z) {
+  return softplus - M::select(t == T(0), T(0), t * z);
+}
+
+/// The sigmoids of MONAI's focal factor, with y = -z (2t - 1):
+///   a = sigmoid(y)   (the factor m = a^gamma = exp(gamma logsigmoid(y))),   c = sigmoid(-y).
+/// Binary targets (t in {0, 1}; ``one``: t == 1): a and c are 1 - p and p, swapped for t = 0 --
+/// no exp.
+template <typename M, typename T, typename Mask>
+DICE_HD void sigmoid_focal_binary(Mask one, T p, T one_minus_p, T& a, T& c) {
+  a = M::select(one, one_minus_p, p);
+  c = M::select(one, p, one_minus_p);
+}
+
+/// Soft targets: y depends on t, so the sigmoid's exp cannot serve; this takes one more exp per
+/// element, exp(-|y|) <= 1 (never overflows).
+template <typename M, typename T>
+DICE_HD void sigmoid_focal_soft(T z, T t, T& a, T& c) {
+  const T y = z * (T(1) - (t + t));
+  const T u = M::exp(-M::abs(y));
+  const T s_pos = T(1) / (T(1) + u), s_neg = u * s_pos;  // sigmoid(|y|), sigmoid(-|y|)
+  const auto pos = y >= T(0);
+  a = M::select(pos, s_pos, s_neg);
+  c = M::select(pos, s_neg, s_pos);
+}
+
+/// Sigmoid cross-entropy backward, per element: w (p - t).
+template <typename T>
+DICE_HD T sigmoid_ce_dz(T w, T p, T t) {
+  return w * (p - t);
+}
+
+/// Sigmoid focal backward, per element: w m ((p - t) - gamma b (2t - 1) c), with m = a^gamma and
+/// b = softplus(z) - t z (see sigmoid_focal_binary / sigmoid_focal_soft for a and c).
+template <typename T>
+DICE_HD T sigmoid_focal_dz(T w, T p, T t, T m, T b, T c, T gamma) {
+  return w * m * ((p - t) - gamma * b * ((t + t) - T(1)) * c);
+}
+
 }  // namespace dicetorch
