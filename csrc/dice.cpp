@@ -1,10 +1,17 @@
 // The dicetorch::fused_forward / fused_backward operators: schema, argument checks shared by the
 // CPU and CUDA kernels, and their registration with the dispatcher.
 //
-//   fused_forward(x, t, activation, power, ignore_index) -> stats (N, 3, C)
+//   fused_forward(x, t, activation, power, ignore_index, pixel_loss="none", gamma=2.0) -> stats
 //       stats[:,0] = I = sum_m p*t,  stats[:,1] = P = sum_m p^q,  stats[:,2] = T = sum_m t^q
-//   fused_backward(grad, x, t, activation, power, ignore_index) -> dL/dx, shaped like x
+//       with pixel_loss "ce" / "focal" (compound losses) also stats[:,3] = X = sum_m t*e and
+//       stats[:,4] = L = sum_m e for the element term e of the pixel loss (dicetorch/reference.py):
+//       stats is (N, 3, C), or (N, 5, C) with a pixel loss
+//   fused_backward(grad, x, t, activation, power, ignore_index, pixel_loss, gamma) -> dL/dx, like x
 //       g = gI*t + gP*q*p^(q-1);  softmax: p*(g - sum_j p_j g_j);  sigmoid: g*p*(1-p);  none: g
+//       plus the pixel loss's gradient with weights w = gX*t + gL; grad is (N, 3 or 5, C)
+//
+// pixel_loss needs activation "softmax" or "sigmoid" (e is a function of the logits); gamma >= 0 is
+// the focal exponent.  The CUDA kernels do not compute the pixel rows yet (they refuse them).
 //
 // activation: "softmax" | "sigmoid" | "none", or the hard (forward-only) "argmax" | "threshold"
 // that make p a 0/1 prediction per pixel (dice_math.h); CPU kernels only for now.
@@ -43,11 +50,18 @@ int parse_activation(c10::string_view activation) {
               std::string(activation), "'");
 }
 
+int parse_pixel_loss(c10::string_view pixel_loss) {
+  if (pixel_loss == "none") return kPixelNone;
+  if (pixel_loss == "ce") return kPixelCE;
+  if (pixel_loss == "focal") return kPixelFocal;
+  TORCH_CHECK(false, "dicetorch: pixel_loss must be 'none', 'ce' or 'focal', got '", std::string(pixel_loss), "'");
+}
+
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 /// Checks shared by both devices; returns the validated options.
 DiceOptions check(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
-                  std::optional<int64_t> ignore_index) {
+                  std::optional<int64_t> ignore_index, c10::string_view pixel_loss, double gamma) {
   TORCH_CHECK(x.dim() == 3, "dicetorch: input must be (N, C, M), got ", x.dim(), " dims ", x.sizes());
   const auto xt = x.scalar_type();
   TORCH_CHECK(xt == at::kFloat || xt == at::kDouble || xt == at::kHalf || xt == at::kBFloat16,
@@ -74,6 +88,12 @@ DiceOptions check(const at::Tensor& x, const at::Tensor& t, c10::string_view act
   o.power = static_cast<int>(power);
   o.has_ignore = ignore_index.has_value();
   o.ignore_index = ignore_index.value_or(0);
+  o.pixel_loss = parse_pixel_loss(pixel_loss);
+  TORCH_CHECK(o.pixel_loss == kPixelNone || o.activation == kSoftmax || o.activation == kSigmoid,
+              "dicetorch: pixel_loss='", std::string(pixel_loss), "' needs activation 'softmax' or 'sigmoid' ",
+              "(the pixel loss is a function of the logits), got activation='", std::string(activation), "'");
+  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0, "dicetorch: gamma must be a finite number >= 0, got ", gamma);
+  o.gamma = gamma;
   return o;
 }
 
@@ -84,11 +104,13 @@ void check_differentiable(const DiceOptions& o) {
               " has no gradient; it is meant for evaluation. Train with 'softmax' or 'sigmoid'.");
 }
 
-void check_grad(const at::Tensor& grad, const at::Tensor& x) {
+void check_grad(const at::Tensor& grad, const at::Tensor& x, const DiceOptions& o) {
   TORCH_CHECK(grad.device() == x.device(), "dicetorch: grad is on ", grad.device(), " but input is on ",
               x.device());
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == 3 && grad.size(2) == x.size(1),
-              "dicetorch: grad must be (N, 3, C) = (", x.size(0), ", 3, ", x.size(1), "), got ", grad.sizes());
+  const int64_t rows = o.rows();
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == x.size(0) && grad.size(1) == rows && grad.size(2) == x.size(1),
+              "dicetorch: grad must be (N, ", rows, ", C) = (", x.size(0), ", ", rows, ", ", x.size(1), ")",
+              o.pixel_loss == kPixelNone ? "" : " with a pixel loss (rows I, P, T, X, L)", ", got ", grad.sizes());
 }
 
 // CPU: the copy of the kernel compiled for the best instruction set this CPU (and ATen, which
@@ -106,8 +128,8 @@ Cap cpu_cap() {
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
-                       std::optional<int64_t> ignore_index) {
-  const DiceOptions o = check(x, t, activation, power, ignore_index);
+                       std::optional<int64_t> ignore_index, c10::string_view pixel_loss, double gamma) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
   switch (cpu_cap()) {
 #ifdef DICETORCH_CPU_X86
     case Cap::kAvx512: return cpu::AVX512::forward(x, t, o);
@@ -118,10 +140,11 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_vie
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
-                        c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index) {
-  const DiceOptions o = check(x, t, activation, power, ignore_index);
+                        c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index,
+                        c10::string_view pixel_loss, double gamma) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
   check_differentiable(o);
-  check_grad(grad, x);
+  check_grad(grad, x, o);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
   switch (cpu_cap()) {
 #ifdef DICETORCH_CPU_X86
@@ -133,22 +156,32 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
 }
 
 #ifdef DICETORCH_WITH_CUDA
+/// The CUDA kernels do not compute the pixel-loss rows yet (dicetorch.ops picks another backend).
+void check_cuda_pixel_loss(const DiceOptions& o, c10::string_view pixel_loss) {
+  TORCH_CHECK(o.pixel_loss == kPixelNone, "dicetorch: the CUDA kernels do not implement pixel_loss='",
+              std::string(pixel_loss), "' yet; the Triton backend and the reference compute it ",
+              "(backend='auto', 'triton' or 'reference')");
+}
+
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
-                        std::optional<int64_t> ignore_index) {
-  const DiceOptions o = check(x, t, activation, power, ignore_index);
+                        std::optional<int64_t> ignore_index, c10::string_view pixel_loss, double gamma) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
   // The CUDA kernels do not implement the hard activations yet (dicetorch.ops picks another backend).
   TORCH_CHECK(!is_hard_activation(o.activation), "dicetorch: the CUDA kernels do not implement activation='",
               std::string(activation), "' yet; use backend='auto' or 'reference'");
+  check_cuda_pixel_loss(o, pixel_loss);
   at::Tensor stats = at::empty({x.size(0), 3, x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
   cuda::forward(x, t, stats, o);
   return stats;
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
-                         c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index) {
-  const DiceOptions o = check(x, t, activation, power, ignore_index);
+                         c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index,
+                         c10::string_view pixel_loss, double gamma) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
   check_differentiable(o);
-  check_grad(grad, x);
+  check_cuda_pixel_loss(o, pixel_loss);
+  check_grad(grad, x, o);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
   // Gradient in x's layout (channels-last stays channels-last) when x is dense.
   at::Tensor gx = x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
@@ -218,10 +251,12 @@ at::Tensor softmax_normaliser_lanes_cpu(const at::Tensor& x_in, int64_t lanes) {
 
 // A fragment, so that it coexists with the Python-defined dicetorch::dice_stats operators.
 TORCH_LIBRARY_FRAGMENT(dicetorch, m) {
-  m.def("fused_forward(Tensor input, Tensor target, str activation, int power, int? ignore_index) -> Tensor");
   m.def(
-      "fused_backward(Tensor grad, Tensor input, Tensor target, str activation, int power, int? ignore_index) "
-      "-> Tensor");
+      "fused_forward(Tensor input, Tensor target, str activation, int power, int? ignore_index, "
+      "str pixel_loss=\"none\", float gamma=2.0) -> Tensor");
+  m.def(
+      "fused_backward(Tensor grad, Tensor input, Tensor target, str activation, int power, int? ignore_index, "
+      "str pixel_loss=\"none\", float gamma=2.0) -> Tensor");
   m.def("_softmax_normaliser(Tensor x) -> Tensor");
   m.def("_softmax_normaliser_lanes(Tensor x, int lanes) -> Tensor");
 }

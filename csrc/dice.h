@@ -12,9 +12,14 @@ struct DiceOptions {
   int power;             // q in {1, 2}
   bool has_ignore;       // ignore_index given
   int64_t ignore_index;  // label value to ignore (when has_ignore)
+  int pixel_loss = 0;    // PixelLoss code (dice_math.h): 0 none (3 rows), ce / focal (5 rows)
+  double gamma = 2.0;    // focal exponent (pixel_loss focal), >= 0
+
+  int rows() const { return pixel_loss == 0 ? 3 : 5; }
 };
 
 namespace cpu {
+// stats (N, o.rows(), C); grad (N, o.rows(), C) contiguous in the accumulation dtype.
 // Implemented once per CPU capability (csrc/cpu/dice_cpu*.cpp, namespaces DEFAULT/AVX2/AVX512).
 #define DICETORCH_DECLARE_CPU(CAP)                                                              \
   namespace CAP {                                                                               \
