@@ -62,7 +62,9 @@ def test_pixel_kernels_list_is_complete():
 
 ROUNDING = {torch.float32: 2.0**-20, torch.float64: 1e-13, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-GAMMAS = (0.0, 0.5, 1.0, 2.0, 3.5)
+# the kernels' paths: 0, 1, 2 as products; whole and half-whole (0.5, 3, 3.5) as products and a sqrt;
+# any other (1.3) through pow
+GAMMAS = (0.0, 0.5, 1.0, 1.3, 2.0, 3.0, 3.5)
 # target kinds: (kind, ignore_index); ignore_index inside the class range (1) and outside it
 TARGETS = (("labels", None), ("labels_i32", -1), ("labels_u8", 255), ("labels", 1), ("onehot", None),
            ("soft", None), ("labels_i32", None), ("labels_u8", 1))
@@ -198,7 +200,7 @@ def test_matches_reference(backend, dtype, activation, pixel_loss, gamma, kind, 
 @pytest.mark.parametrize("activation,kind", [("softmax", "labels"), ("sigmoid", "labels"), ("sigmoid", "onehot"),
                                              ("sigmoid", "soft"), ("softmax", "soft")])
 def test_gammas(backend, gamma, activation, kind):
-    """Every gamma on every code path: products for 0, 1, 2, pow otherwise; binary and soft targets."""
+    """Every gamma on every code path (products, products and a sqrt, pow); binary and soft targets."""
     x, t = make(2, 4, (11, 13), kind, torch.float32, 2 if kind == "labels" else None)
     check(backend, x, t, activation, 2, 2 if kind == "labels" else None, "focal", gamma)
 
@@ -236,7 +238,7 @@ def test_dice_rows_unchanged_and_focal_zero_is_ce(backend, dtype, activation, ki
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pixel_loss,gamma", [("ce", 2.0), ("focal", 0.0), ("focal", 0.5), ("focal", 1.0),
-                                              ("focal", 2.0), ("focal", 3.5)])
+                                              ("focal", 1.3), ("focal", 2.0), ("focal", 3.5)])
 def test_confident_and_masked_channels_stay_finite(backend, dtype, pixel_loss, gamma):
     """Softmax: logit gaps of 40 (p rounds to 1 in fp32) and leading channels masked with -inf.
 
@@ -273,7 +275,8 @@ def test_confident_and_masked_channels_stay_finite(backend, dtype, pixel_loss, g
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("pixel_loss,gamma", [("ce", 2.0), ("focal", 0.5), ("focal", 2.0), ("focal", 3.5)])
+@pytest.mark.parametrize("pixel_loss,gamma", [("ce", 2.0), ("focal", 0.5), ("focal", 1.3), ("focal", 2.0),
+                                              ("focal", 3.5)])
 @pytest.mark.parametrize("kind", ["labels", "soft"])
 def test_sigmoid_confident_logits(backend, dtype, pixel_loss, gamma, kind):
     """Sigmoid logits of +-40 (p rounds to 0 / 1 in fp32) and beyond: softplus without overflow."""
@@ -322,10 +325,12 @@ def test_nan_input_propagates(backend, activation, kind, pixel_loss):
     ("softmax", "ce", 2.0, "labels", 1, 1),
     ("softmax", "focal", 2.0, "soft", None, 2),
     ("softmax", "focal", 0.5, "labels", None, 1),
+    ("softmax", "focal", 1.3, "labels", 2, 2),
     ("softmax", "focal", 3.5, "onehot", None, 2),
     ("sigmoid", "ce", 2.0, "soft", None, 1),
     ("sigmoid", "focal", 2.0, "labels", 0, 2),
     ("sigmoid", "focal", 0.5, "soft", None, 1),
+    ("sigmoid", "focal", 0.75, "labels", None, 2),
     ("sigmoid", "focal", 1.0, "onehot", None, 1),
 ])
 def test_gradcheck_float64(backend, activation, pixel_loss, gamma, kind, ignore_index, power):
@@ -411,7 +416,8 @@ worst = 0.0
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     for act, pl, gamma, kind in (("softmax", "ce", 2.0, "labels"), ("softmax", "focal", 0.5, "soft"),
                                  ("sigmoid", "focal", 2.0, "labels"), ("sigmoid", "focal", 3.5, "soft"),
-                                 ("sigmoid", "ce", 1.0, "onehot"), ("softmax", "focal", 2.0, "onehot")):
+                                 ("sigmoid", "ce", 1.0, "onehot"), ("softmax", "focal", 2.0, "onehot"),
+                                 ("softmax", "focal", 1.3, "labels"), ("sigmoid", "focal", 0.7, "onehot")):
         x = 3 * torch.randn(2, 5, 143, dtype=dtype)
         x[:, 0, :9] = float("-inf") if act == "softmax" else -50.0
         lab = torch.randint(1, 6, (2, 143))

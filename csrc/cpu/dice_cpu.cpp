@@ -17,8 +17,9 @@
 // Pixel losses (compound Dice + CE / focal, rows X = sum t e and L = sum e): the same tiles and the
 // same exps.  Softmax keeps d = z - max next to e = exp(d), so -log p = log1p(s - 1) - d needs one
 // log1p per pixel; sigmoid gets softplus(z) from the e = exp(-z) of its p, one log1p per element.
-// The focal factors reuse those (and pow only for gamma outside {0, 1, 2}); only the sigmoid focal
-// loss with soft (non-0/1) targets takes a second exp per element.  The element formulas are the
+// The focal factors reuse those (products and a sqrt for whole and half-whole gamma, exp(gamma log)
+// for any other); only the sigmoid focal loss with soft (non-0/1) targets takes a second exp per
+// element.  The element formulas are the
 // shared ones of dice_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -85,8 +86,16 @@ struct VecMath {
   using Vec = Vectorized<acc_t>;
   static Vec select(const Vec& mask, const Vec& a, const Vec& b) { return Vec::blendv(b, a, mask); }
   static Vec log1p(const Vec& x) { return x.log1p(); }
+  static Vec log1p_unit(const Vec& x) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return log1p_unit_series(x);  // arithmetic only: the sigmoid's per-element log
+    } else {
+      return x.log1p();
+    }
+  }
   static Vec exp(const Vec& x) { return vexp(x); }
   static Vec abs(const Vec& x) { return x.abs(); }
+  static Vec sqrt(const Vec& x) { return x.sqrt(); }
   // x^g for x in [0, 1] as exp(g log x) with the kernel's exp: a third of Sleef's pow's time, and
   // as accurate as the other exps (0^g = exp(-inf) = 0 for g > 0; NaN stays NaN)
   static Vec pow(const Vec& x, double g) { return vexp(Vec(static_cast<acc_t>(g)) * x.log()); }
