@@ -80,8 +80,9 @@ TRITON_MAIN = {"fwd": ("tile_fwd_kernel", "dice_fwd_kernel"),  # the kernels tha
 def triton_entry_points(tk, x, t, grad, spec):
     """direction -> call of the module's entry point on canonical (N, C, M) tensors."""
     calls = {
-        "fwd": lambda: tk.forward(x, t, spec.act, spec.q, 255 if spec.ignore else None),
-        "bwd": lambda: tk.backward(grad, x, t, spec.act, spec.q, 255 if spec.ignore else None),
+        "fwd": lambda: tk.forward(x, t, spec.act, spec.q, 255 if spec.ignore else None, spec.pixel, spec.gamma),
+        "bwd": lambda: tk.backward(grad, x, t, spec.act, spec.q, 255 if spec.ignore else None, spec.pixel,
+                                   spec.gamma),
     }
     if spec.act in getattr(tk, "HARD_ACTIVATIONS", ()):  # evaluation-only: no backward
         del calls["bwd"]
@@ -132,6 +133,8 @@ class Spec:
     target: str = "int64"  # int64 | int32 | uint8 labels, or float
     ignore: bool = True
     int64: bool = False  # offsets past 2**31 elements
+    pixel: str = "none"  # the compound loss's pixel-loss rows: none | ce | focal
+    gamma: float = 2.0  # the focal exponent
     group: str = "rules"  # rules (the report's matrix) | cover (option combinations) | arch (other archs)
 
     @property
@@ -140,6 +143,8 @@ class Spec:
             else f"_{self.act}_q{self.q}_{self.target}{'_ign' if self.ignore else ''}{'_i64' if self.int64 else ''}"
         if self.C == 1 and (self.act, self.q, self.target, self.ignore, self.int64) == ("sigmoid", 2, "int64", True, False):
             extra = ""
+        if self.pixel != "none":
+            extra += f"_{self.pixel}" + (f"{self.gamma:g}" if self.pixel == "focal" else "")
         return f"{self.dtype}_C{self.C}_{self.layout}{extra}"
 
 
@@ -170,6 +175,15 @@ def cover_specs():
         out.append(Spec(dtypes[i % 4], chans[(3 * i) % len(chans)], ("contig", "cl")[(i // 2) % 2], act, q, target,
                         ignore, int64=(i % 3 == 1), group="cover"))
     return out
+
+
+def compound_specs():
+    """The pixel-loss rows of the compound losses: cross-entropy and focal (gamma 2 and a general one)."""
+    return [Spec("fp32", 4, "contig", pixel="ce", group="cover"), Spec("bf16", 21, "cl", pixel="ce", group="cover"),
+            Spec("fp16", 8, "contig", "sigmoid", pixel="focal", group="cover"),
+            Spec("fp32", 3, "cl", pixel="focal", gamma=0.5, group="cover"),
+            Spec("fp32", 1024, "contig", pixel="focal", group="cover"),
+            Spec("bf16", 300, "cl", "sigmoid", 1, "float", False, pixel="ce", group="cover")]
 
 
 def hard_specs():
@@ -205,7 +219,7 @@ def _meta_inputs(torch, spec: Spec, N: int, M: int | None = None):
 
     x = like_x()
     t = like_x() if spec.target == "float" else torch.empty((N, M), dtype=getattr(torch, spec.target), device="meta")
-    return x, t, torch.empty((N, 3, spec.C), dtype=acc, device="meta")
+    return x, t, torch.empty((N, 3 if spec.pixel == "none" else 5, spec.C), dtype=acc, device="meta")
 
 
 _RESIDENT_CACHE: dict = {}
@@ -599,7 +613,8 @@ def main(argv=None) -> int:
                     and r.get("dtype", "fp32") in dtypes]
         backends = []
     if "triton" in backends:
-        specs = [s for s in rule_specs() if "rules" in groups] + [s for s in cover_specs() + hard_specs() if "cover" in groups]
+        specs = [s for s in rule_specs() if "rules" in groups] + [s for s in cover_specs() + hard_specs() + compound_specs()
+                                                                if "cover" in groups]
         plan = {a: [s for s in specs if s.dtype in dtypes] for a in args.arch}
         plan.update({a: arch_specs() for a in args.lowering_arch if a not in plan})
         rows += triton_rows(plan, args.workers, args.dump)

@@ -50,6 +50,8 @@ __all__ = ["forward", "backward", "launch_config", "LaunchConfig", "needs_int64"
 SOFTMAX, SIGMOID, NONE, ARGMAX, THRESHOLD = 0, 1, 2, 3, 4  # values of the ACTIVATION constexpr
 _ACT_CODE = {"softmax": SOFTMAX, "sigmoid": SIGMOID, "none": NONE, "argmax": ARGMAX, "threshold": THRESHOLD}
 HARD_ACTIVATIONS = ("argmax", "threshold")  # evaluation-only (forward) activations these kernels compute
+PIXEL_LOSSES = ("ce", "focal")  # pixel-loss rows (compound losses) these kernels compute
+_PIXEL_CODE = {"none": 0, "ce": 1, "focal": 2}
 
 MAX_TILE_C = 128  # beyond this many channels, the chunked kernels
 CHUNK_BLOCK_C = 64
@@ -88,8 +90,8 @@ def layout_of(a: Tensor) -> str:
     return "strided"
 
 
-def launch_config(C: int, M: int, dtype: torch.dtype, backward: bool = False,
-                  layout: str = "contiguous") -> LaunchConfig:
+def launch_config(C: int, M: int, dtype: torch.dtype, backward: bool = False, layout: str = "contiguous",
+                  pixel_loss: bool = False) -> LaunchConfig:
     """Heuristic tile shape for C channels, M pixels per image, input ``dtype`` and ``layout``.
 
     Tile kernels (C <= 128), BLOCK_C = next_power_of_2(C), vec = 16 bytes / element:
@@ -108,6 +110,8 @@ def launch_config(C: int, M: int, dtype: torch.dtype, backward: bool = False,
       max(16, next_power_of_2(M)).
     * the forward prefetches the next tile when a thread holds <= PREFETCH_VALUES 32-bit values
       of whole pixels.
+    * with ``pixel_loss`` (two more accumulators and the pixel loss's temporaries) a thread holds
+      half as many channels, and the forward does not prefetch.
 
     Chunked kernels (C > 128): BLOCK_C = 64, tiles of CHUNK_TILE_ELEMS (half in the forward; a
     quarter of that for fp64), num_warps from 16 (backward) / 8 (forward) 32-bit words per thread
@@ -125,9 +129,10 @@ def launch_config(C: int, M: int, dtype: torch.dtype, backward: bool = False,
     block_c = triton.next_power_of_2(C)
     vec = 16 // elem
     num_warps, lanes = 4, 1
+    tile_values = TILE_VALUES // 2 if pixel_loss else TILE_VALUES
     if layout == "contiguous":
         mode, px = "strided", vec
-        lanes = max(1, block_c // max(1, TILE_VALUES // (px * wide)))
+        lanes = max(1, block_c // max(1, tile_values // (px * wide)))
         num_warps = 4 if lanes == 1 else 1
     elif layout == "channels_last" and (C * elem) % 16 == 0:
         mode, px = "cl", 1
@@ -151,7 +156,7 @@ def launch_config(C: int, M: int, dtype: torch.dtype, backward: bool = False,
             block_m //= 2
     block_m = max(px, min(block_m, cap))
     # prefetching doubles the register tile: only small tiles, and not where a pixel spans lanes
-    prefetch = not backward and values <= PREFETCH_VALUES and lanes == 1
+    prefetch = not backward and not pixel_loss and values <= PREFETCH_VALUES and lanes == 1
     return LaunchConfig(block_c=block_c, block_m=block_m, chunked=False, num_warps=num_warps, px=px,
                         prefetch=prefetch, mode=mode)
 
@@ -262,16 +267,19 @@ def _check(x: Tensor, t: Tensor, activation: str, power: int) -> tuple:
     return N, C, M, labels, stride_t
 
 
-def _config(x: Tensor, backward: bool) -> LaunchConfig:
+def _config(x: Tensor, backward: bool, pixel_loss: str = "none") -> LaunchConfig:
     N, C, M = x.shape
-    return launch_config(C, M, x.dtype, backward=backward, layout=layout_of(x))
+    return launch_config(C, M, x.dtype, backward=backward, layout=layout_of(x), pixel_loss=pixel_loss != "none")
 
 
 def _common_constexprs(C: int, activation: str, power: int, labels: bool, ignore_index, int64: bool,
-                       dtype: torch.dtype) -> dict:
+                       dtype: torch.dtype, pixel_loss: str, gamma: float) -> dict:
+    # the focal exponents 0, 1 and 2 are products in the kernels; others the run-time gamma
+    gamma_code = int(gamma) if pixel_loss == "focal" and gamma in (0.0, 1.0, 2.0) else \
+        (-1 if pixel_loss == "focal" else 0)
     return dict(ACTIVATION=_ACT_CODE[activation], POWER=power, LABELS=labels,
                 HAS_IGNORE=labels and ignore_index is not None, LABEL_OFFSET=1 if C == 1 else 0, INT64=int64,
-                FP64=dtype == torch.float64)
+                FP64=dtype == torch.float64, PIXEL=_PIXEL_CODE[pixel_loss], GAMMA=gamma_code)
 
 
 def _operand_mode(a: Tensor, cfg: LaunchConfig) -> int:
@@ -293,32 +301,37 @@ def _device_ctx(x: Tensor):
 
 
 def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Optional[int],
-            *, config: Optional[LaunchConfig] = None, programs_per_image: Optional[int] = None) -> Tensor:
-    """Per-class sums (N, 3, C): [:,0] = sum_m p*t, [:,1] = sum_m p^q, [:,2] = sum_m t^q.
+            pixel_loss: str = "none", gamma: float = 2.0, *, config: Optional[LaunchConfig] = None,
+            programs_per_image: Optional[int] = None) -> Tensor:
+    """Per-class sums (N, 3, C): [:,0] = sum_m p*t, [:,1] = sum_m p^q, [:,2] = sum_m t^q; with a
+    pixel loss (N, 5, C): also [:,3] = sum_m t*e, [:,4] = sum_m e (see dicetorch.reference).
 
     Args:
         x: (N, C, M) float tensor, any strides.
         t: (N, M) int32/int64/uint8 labels or (N, C, M) float target of x's dtype.
         activation: "softmax" | "sigmoid" | "none"; power: q in {1, 2}.
         ignore_index: label value excluded from all sums (labels only), or None.
+        pixel_loss, gamma: "none" | "ce" | "focal" and the focal exponent.
         config, programs_per_image: override the launch heuristic (tests and benchmarks).
 
     Returns:
-        float32 (float64 for float64 x) tensor (N, 3, C), deterministic.
+        float32 (float64 for float64 x) tensor (N, 3 or 5, C), deterministic.
     """
     N, C, M, labels, stride_t = _check(x, t, activation, power)
-    cfg = config or _config(x, backward=False)
+    cfg = config or _config(x, backward=False, pixel_loss=pixel_loss)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     num_tiles = triton.cdiv(M, cfg.block_m)
-    const = _common_constexprs(C, activation, power, labels, ignore_index, needs_int64(x, t), x.dtype)
+    const = _common_constexprs(C, activation, power, labels, ignore_index, needs_int64(x, t), x.dtype, pixel_loss,
+                               gamma)
+    rows = 3 if pixel_loss == "none" else 5
     ign = 0 if ignore_index is None else int(ignore_index)
     with _device_ctx(x):
         if not cfg.chunked:
             const.update(_tile_constexprs(x, t, labels, cfg), PREFETCH=cfg.prefetch)
-            kernel, rows = _tile_fwd_kernel, N
+            kernel, programs = _tile_fwd_kernel, N
         else:
             const.update(BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m)
-            kernel, rows = _dice_fwd_kernel, N * triton.cdiv(C, cfg.block_c)
+            kernel, programs = _dice_fwd_kernel, N * triton.cdiv(C, cfg.block_c)
         lse = None  # chunked: per-pixel log-sum-exp (softmax) or argmax index, from a first pass
         if cfg.chunked and activation in ("softmax", "argmax"):
             lcfg = launch_config(C, M, x.dtype, backward=True)
@@ -332,18 +345,18 @@ def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Opt
 
         def args(P, partials):
             if not cfg.chunked:
-                return (x, t, partials, M, P, num_tiles, ign, *x.stride(), *stride_t)
-            return (x, t, partials if lse is None else lse, partials, C, M, rows // N, P, num_tiles, ign,
-                    *x.stride(), *stride_t)
+                return (x, t, partials, M, P, num_tiles, ign, float(gamma), *x.stride(), *stride_t)
+            return (x, t, partials if lse is None else lse, partials, C, M, programs // N, P, num_tiles, ign,
+                    float(gamma), *x.stride(), *stride_t)
 
         if programs_per_image is None:
-            probe = torch.empty((rows, 3, C), dtype=acc, device=x.device)  # shapes do not matter here
+            probe = torch.empty((programs, rows, C), dtype=acc, device=x.device)  # shapes do not matter here
             resident = _resident_programs(kernel, args(1, probe), const, cfg.num_warps, x.device)
-            programs_per_image = persistent_programs(rows, num_tiles, resident, _num_sms(x.device))
+            programs_per_image = persistent_programs(programs, num_tiles, resident, _num_sms(x.device))
         P = max(1, min(num_tiles, programs_per_image))
         P = triton.cdiv(num_tiles, triton.cdiv(num_tiles, P))  # no idle programs; counts differ by <= 1
-        partials = torch.empty((N, P, 3, C), dtype=acc, device=x.device)
-        kernel[(rows * P,)](*args(P, partials), num_warps=cfg.num_warps, **const)
+        partials = torch.empty((N, P, rows, C), dtype=acc, device=x.device)
+        kernel[(programs * P,)](*args(P, partials), num_warps=cfg.num_warps, **const)
     # Fixed-shape reduction over a fixed dimension: deterministic.
     return partials.sum(dim=1)
 
@@ -354,7 +367,7 @@ def _grad_like(x: Tensor) -> Tensor:
 
 
 def backward(grad: Tensor, x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Optional[int],
-             *, config: Optional[LaunchConfig] = None) -> Tensor:
+             pixel_loss: str = "none", gamma: float = 2.0, *, config: Optional[LaunchConfig] = None) -> Tensor:
     """dL/dx (N, C, M) in x's dtype (and strides when dense) for ``grad`` = dL/dstats (N, 3, C).
 
     With gI = grad[:, 0], gP = grad[:, 1], p = activation(x)::
@@ -369,25 +382,27 @@ def backward(grad: Tensor, x: Tensor, t: Tensor, activation: str, power: int, ig
         raise RuntimeError(hard_backward_message(activation))
     N, C, M, labels, stride_t = _check(x, t, activation, power)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if grad.shape != (N, 3, C):
-        raise ValueError(f"grad must be (N, 3, C) = {(N, 3, C)}, got {tuple(grad.shape)}")
+    rows = 3 if pixel_loss == "none" else 5
+    if grad.shape != (N, rows, C):
+        raise ValueError(f"grad must be (N, {rows}, C) = {(N, rows, C)}, got {tuple(grad.shape)}")
     grad = grad.to(acc).contiguous()
-    cfg = config or _config(x, backward=True)
+    cfg = config or _config(x, backward=True, pixel_loss=pixel_loss)
     out = _grad_like(x)
     tiles = triton.cdiv(M, cfg.block_m)
-    const = _common_constexprs(C, activation, power, labels, ignore_index, needs_int64(x, t, out), x.dtype)
+    const = _common_constexprs(C, activation, power, labels, ignore_index, needs_int64(x, t, out), x.dtype,
+                               pixel_loss, gamma)
     const.update(BLOCK_C=cfg.block_c, BLOCK_M=cfg.block_m)
     ign = 0 if ignore_index is None else int(ignore_index)
     with _device_ctx(x):
         if not cfg.chunked:
             const.update(_tile_constexprs(x, t, labels, cfg), O_MODE=_operand_mode(out, cfg))
             _tile_bwd_kernel[(N * tiles,)](
-                grad, x, t, out, M, tiles, ign, *x.stride(), *stride_t, *out.stride(),
+                grad, x, t, out, M, tiles, ign, float(gamma), *x.stride(), *stride_t, *out.stride(),
                 num_warps=cfg.num_warps, **const,
             )
         else:
             _dice_bwd_kernel[(N * tiles,)](
-                grad, x, t, out, C, M, tiles, ign, *x.stride(), *stride_t, *out.stride(),
+                grad, x, t, out, C, M, tiles, ign, float(gamma), *x.stride(), *stride_t, *out.stride(),
                 num_warps=cfg.num_warps, **const,
             )
     return out

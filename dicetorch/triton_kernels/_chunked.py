@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._tile import _pixel_term, _sigmoid_pixel_dz, _softmax_pixel_h
+
 # ----------------------------------------------------------------------------------------------
 # Device helpers (inlined into the kernels)
 # ----------------------------------------------------------------------------------------------
@@ -164,17 +166,18 @@ def _argmax_kernel(
     tl.store(idx_ptr + n * M + offs_m, idx.to(idx_ptr.dtype.element_ty), mask=mmask)
 
 
-@triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles"])  # see _tile_fwd_kernel
+@triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles", "gamma"])  # see _tile_fwd_kernel
 def _dice_fwd_kernel(
     x_ptr, t_ptr, lse_ptr, part_ptr,
-    C, M, num_chunks, programs_per_image, num_tiles, ignore_index,
+    C, M, num_chunks, programs_per_image, num_tiles, ignore_index, gamma,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     ACTIVATION: tl.constexpr, POWER: tl.constexpr, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     LABEL_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr, FP64: tl.constexpr,
+    PIXEL: tl.constexpr, GAMMA: tl.constexpr, INT64: tl.constexpr, FP64: tl.constexpr,
 ):
-    """Partial sums of one program: part[n, j, 0:3, chunk] = (sum p*t, sum p^q, sum t^q) over its tiles.
+    """Partial sums of one program: part[n, j, :, chunk] = (sum p*t, sum p^q, sum t^q [, sum t*e, sum e])
+    over its tiles (PIXEL, GAMMA: the pixel loss, as in _tile_fwd_kernel).
 
     Program id = (n * programs_per_image + j) * num_chunks + chunk; each program handles BLOCK_C
     channels, and the softmax uses the per-pixel log-sum-exp from _softmax_lse_kernel.
@@ -194,13 +197,20 @@ def _dice_fwd_kernel(
     acc_i = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
     acc_p = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
     acc_t = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
+    acc_x = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
+    acc_l = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
     for tile in range(j, num_tiles, programs_per_image):
         offs_m = tile * BLOCK_M + arange_m
         mmask = offs_m < M
         x = _load_x(x_base, offs_c, offs_m, cmask, mmask, stride_xc, stride_xm, ACTIVATION, FP64)
+        aux = x
         if ACTIVATION == 0:
             lse = tl.load(lse_ptr + n * M + offs_m, mask=mmask, other=0.0)
-            p = tl.exp(x - lse[None, :])
+            aux = x - lse[None, :]  # log p
+            p = tl.exp(aux)
+        elif ACTIVATION == 1:
+            aux = tl.exp(-x)
+            p = 1.0 / (1.0 + aux)
         elif ACTIVATION == 3:  # the per-pixel argmax from _argmax_kernel
             idx = tl.load(lse_ptr + n * M + offs_m, mask=mmask, other=-1.0)
             p = tl.where(offs_c[:, None] == idx.to(tl.int64)[None, :], 1.0, 0.0).to(x.dtype)
@@ -221,10 +231,18 @@ def _dice_fwd_kernel(
         else:
             acc_p += p * p
             acc_t += t * t
-    part_base = part_ptr + (n * programs_per_image + j).to(tl.int64) * 3 * C
+        if PIXEL != 0:
+            e = _pixel_term(x, aux, p, t, w, gamma, ACTIVATION, PIXEL, GAMMA, LABELS)
+            acc_x += t * e
+            acc_l += e
+    rows = 3 if PIXEL == 0 else 5
+    part_base = part_ptr + (n * programs_per_image + j).to(tl.int64) * rows * C
     tl.store(part_base + offs_c, tl.sum(acc_i, axis=1), mask=cmask)
     tl.store(part_base + C + offs_c, tl.sum(acc_p, axis=1), mask=cmask)
     tl.store(part_base + 2 * C + offs_c, tl.sum(acc_t, axis=1), mask=cmask)
+    if PIXEL != 0:
+        tl.store(part_base + 3 * C + offs_c, tl.sum(acc_x, axis=1), mask=cmask)
+        tl.store(part_base + 4 * C + offs_c, tl.sum(acc_l, axis=1), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,23 +256,25 @@ def _grad_p(gi, gp, p, t, POWER: tl.constexpr):
     return gi[:, None] * t + 2.0 * gp[:, None] * p
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gamma"])
 def _dice_bwd_kernel(
     grad_ptr, x_ptr, t_ptr, out_ptr,
-    C, M, tiles_per_image, ignore_index,
+    C, M, tiles_per_image, ignore_index, gamma,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     stride_on, stride_oc, stride_om,
     ACTIVATION: tl.constexpr, POWER: tl.constexpr, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr,
     LABEL_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-    INT64: tl.constexpr, FP64: tl.constexpr,
+    PIXEL: tl.constexpr, GAMMA: tl.constexpr, INT64: tl.constexpr, FP64: tl.constexpr,
 ):
-    """dL/dx of one (image, pixel tile), written in the output's dtype and strides."""
+    """dL/dx of one (image, pixel tile), written in the output's dtype and strides (with the pixel
+    loss's gradient when PIXEL != 0)."""
     n, j = _image_and_tile(tl.program_id(0), tiles_per_image, INT64)
     x_base = x_ptr + n * stride_xn
     t_base = t_ptr + n * stride_tn
     o_base = out_ptr + n * stride_on
-    g_base = grad_ptr + n.to(tl.int64) * 3 * C
+    rows = 3 if PIXEL == 0 else 5
+    g_base = grad_ptr + n.to(tl.int64) * rows * C
     arange_c = tl.arange(0, BLOCK_C)
     offs_m = j * BLOCK_M + tl.arange(0, BLOCK_M)
     if INT64:
@@ -267,11 +287,14 @@ def _dice_bwd_kernel(
         cls, keep = _labels(t_base, offs_m, mmask, stride_tm, ignore_index, C, LABEL_OFFSET, HAS_IGNORE)
 
     if ACTIVATION == 0:
-        # pass 1: online softmax normaliser; pass 2: sum_j p_j g_j; pass 3 below writes dL/dx
+        # pass 1: online softmax normaliser; pass 2: sum_j p_j g_j (and sum_j h_j of the pixel loss);
+        # pass 3 below writes dL/dx
         run_max, run_sum = _online_softmax_stats(x_base, offs_m, mmask, arange_c, C, stride_xc, stride_xm,
                                                  BLOCK_C, BLOCK_M, FP64)
         inv_sum = 1.0 / run_sum
+        log_norm = run_max + tl.log(run_sum)
         dot = tl.zeros([BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
+        hsum = tl.zeros([BLOCK_M], dtype=tl.float64 if FP64 else tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + arange_c
             cmask = offs_c < C
@@ -281,12 +304,19 @@ def _dice_bwd_kernel(
             gi = tl.load(g_base + offs_c, mask=cmask, other=0.0)
             gp = tl.load(g_base + C + offs_c, mask=cmask, other=0.0)
             dot += tl.sum(p * _grad_p(gi, gp, p, t, POWER), axis=0)
+            if PIXEL != 0:
+                hsum += tl.sum(_pixel_h(x, log_norm, p, t, cmask, keep, g_base, offs_c, C, gamma, PIXEL, GAMMA),
+                               axis=0)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + arange_c
         cmask = offs_c < C
         x = _load_x(x_base, offs_c, offs_m, cmask, mmask, stride_xc, stride_xm, ACTIVATION, FP64)
+        aux = x
         if ACTIVATION == 0:
             p = tl.exp(x - run_max[None, :]) * inv_sum[None, :]
+        elif ACTIVATION == 1:
+            aux = tl.exp(-x)
+            p = 1.0 / (1.0 + aux)
         else:
             p = _elementwise_act(x, ACTIVATION)
         t = _target(t_base, cls, offs_c, offs_m, cmask, mmask, stride_tc, stride_tm, LABELS, FP64)
@@ -295,8 +325,16 @@ def _dice_bwd_kernel(
         g = _grad_p(gi, gp, p, t, POWER)
         if ACTIVATION == 0:
             dz = p * (g - dot[None, :])
+            if PIXEL != 0:
+                h = _pixel_h(x, log_norm, p, t, cmask, keep, g_base, offs_c, C, gamma, PIXEL, GAMMA)
+                dz += h - p * hsum[None, :]
         elif ACTIVATION == 1:
             dz = g * p * (1.0 - p)
+            if PIXEL != 0:
+                gx = tl.load(g_base + 3 * C + offs_c, mask=cmask, other=0.0)
+                gl = tl.load(g_base + 4 * C + offs_c, mask=cmask, other=0.0)
+                w = gx[:, None] * t + gl[:, None]
+                dz += _sigmoid_pixel_dz(x, aux, p, t, w, gamma, PIXEL, GAMMA, LABELS)
         else:
             dz = g
         dz = tl.where(keep[None, :], dz, 0.0)
@@ -304,3 +342,11 @@ def _dice_bwd_kernel(
         tl.store(o_ptr, dz.to(out_ptr.dtype.element_ty), mask=cmask[:, None] & mmask[None, :])
 
 
+@triton.jit
+def _pixel_h(x, log_norm, p, t, cmask, keep, g_base, offs_c, C, gamma, PIXEL: tl.constexpr, GAMMA: tl.constexpr):
+    """h of the softmax pixel loss for a [BLOCK_C, BLOCK_M] chunk (see _tile._softmax_pixel_h)."""
+    gx = tl.load(g_base + 3 * C + offs_c, mask=cmask, other=0.0)
+    gl = tl.load(g_base + 4 * C + offs_c, mask=cmask, other=0.0)
+    keep2 = cmask[:, None] & keep[None, :]
+    w = tl.where(keep2, gx[:, None] * t + gl[:, None], 0.0)
+    return _softmax_pixel_h(x - log_norm[None, :], p, keep2, w, gamma, PIXEL, GAMMA)

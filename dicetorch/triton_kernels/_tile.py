@@ -260,10 +260,12 @@ def _tile_math(tgt, x_raw, tile, M, ignore_index, C: tl.constexpr, ACTIVATION: t
                LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr, LABEL_OFFSET: tl.constexpr,
                BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, PX: tl.constexpr, INT64: tl.constexpr,
                FP64: tl.constexpr):
-    """(p, t, keep) of a tile in the accumulation dtype; p and t are 0 where keep is false.
+    """(p, t, keep, x, aux) of a tile in the accumulation dtype; p and t are 0 where keep is false.
 
     keep: the pixel exists, is not ignored, and the channel exists.  Ignored pixels are selected
-    away (never multiplied by 0), so NaN/inf there changes nothing.
+    away (never multiplied by 0), so NaN/inf there changes nothing.  x: the upcast logits; aux, for
+    the pixel losses: log p (softmax: x - max - log sum, one log per pixel) or exp(-x) (sigmoid), so
+    they need no exp of their own.
     """
     offs_m = tl.reshape(_pixel_offsets(tile, BLOCK_M, PX, INT64), [BLOCK_M])
     offs_c = tl.arange(0, BLOCK_C)
@@ -281,13 +283,18 @@ def _tile_math(tgt, x_raw, tile, M, ignore_index, C: tl.constexpr, ACTIVATION: t
     else:
         keep = keep_m[:, None] & cmask[None, :]
         t = tgt.to(x.dtype)  # masked elements were loaded as 0
+    aux = x
     if ACTIVATION == 0:
         if BLOCK_C != C:
             x = tl.where(cmask[None, :], x, float("-inf"))  # padding channels: exp = 0
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
-        p = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        shifted = x - tl.max(x, axis=1)[:, None]
+        e = tl.exp(shifted)
+        total = tl.sum(e, axis=1)
+        p = e * (1.0 / total)[:, None]
+        aux = shifted - tl.log(total)[:, None]  # log p (only used by the pixel losses)
     elif ACTIVATION == 1:
-        p = 1.0 / (1.0 + tl.exp(-x))
+        aux = tl.exp(-x)
+        p = 1.0 / (1.0 + aux)
     elif ACTIVATION == 3:
         p = tl.where(offs_c[None, :] == _argmax(x, offs_c, cmask, BLOCK_C)[:, None], 1.0, 0.0).to(x.dtype)
     elif ACTIVATION == 4:
@@ -295,7 +302,93 @@ def _tile_math(tgt, x_raw, tile, M, ignore_index, C: tl.constexpr, ACTIVATION: t
     else:
         p = x
     p = tl.where(keep, p, 0.0)
-    return p, t, keep
+    return p, t, keep, x, aux
+
+
+@triton.jit
+def _pow(q, gamma, GAMMA: tl.constexpr):
+    """q ** gamma for q >= 0: GAMMA 0, 1, 2 are exact products (no exp); -1: the general power."""
+    if GAMMA == 0:
+        out = tl.full(q.shape, 1.0, q.dtype)
+    elif GAMMA == 1:
+        out = q
+    elif GAMMA == 2:
+        out = q * q
+    else:
+        out = tl.where(q > 0, tl.exp(gamma * tl.log(tl.where(q > 0, q, 1.0))), 0.0)
+    return out
+
+
+@triton.jit
+def _softplus_parts(x, ex):
+    """softplus(x) from ex = exp(-x): max(x, 0) + log(1 + exp(-|x|)), exp(-|x|) = min(ex, 1/ex)."""
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.minimum(ex, 1.0 / ex))
+
+
+@triton.jit
+def _sigmoid_of_signed(x, t, p, LABELS: tl.constexpr):
+    """sigmoid(-x (2t - 1)): 1 - p where t = 1, p where t = 0; soft targets take one exp."""
+    if LABELS:
+        out = tl.where(t > 0.5, 1.0 - p, p)
+    else:
+        out = 1.0 / (1.0 + tl.exp(x * (2.0 * t - 1.0)))
+    return out
+
+
+@triton.jit
+def _pixel_term(x, aux, p, t, keep, gamma, ACTIVATION: tl.constexpr, PIXEL: tl.constexpr,
+                GAMMA: tl.constexpr, LABELS: tl.constexpr):
+    """The element term e of the pixel loss (see dicetorch.reference), 0 where keep is false."""
+    if ACTIVATION == 0:
+        e = -aux  # -log p
+        if PIXEL == 2:
+            e = _pow(1.0 - p, gamma, GAMMA) * e
+    else:
+        e = _softplus_parts(x, aux) - t * x  # binary cross-entropy with logits
+        if PIXEL == 2:
+            e = _pow(_sigmoid_of_signed(x, t, p, LABELS), gamma, GAMMA) * e
+    return tl.where(keep, e, 0.0)
+
+
+@triton.jit
+def _softmax_pixel_h(aux, p, keep, w, gamma, PIXEL: tl.constexpr, GAMMA: tl.constexpr):
+    """Per element h of the softmax pixel losses, whose gradient is dL/dz_j = h_j - p_j sum_k h_k:
+    h = -w (cross-entropy), h = w (gamma p (1-p)^(gamma-1) log p - (1-p)^gamma) (focal), for
+    w = gX * t + gL.  Padding channels and ignored pixels (keep false) have h = 0: their log p
+    (-inf, or garbage) is replaced by 0 so that no NaN enters the per-pixel sum."""
+    if PIXEL == 1:
+        h = -w
+    else:
+        logp = tl.where(keep, aux, 0.0)
+        q = 1.0 - p
+        # gamma p (1-p)^(gamma-1) log p -> 0 as p -> 1 (also for gamma < 1)
+        slope = tl.where(q > 0, gamma * p * logp * _pow(q, gamma, GAMMA) / tl.where(q > 0, q, 1.0), 0.0)
+        h = w * (slope - _pow(q, gamma, GAMMA))
+    return tl.where(keep, h, 0.0)
+
+
+@triton.jit
+def _sigmoid_pixel_dz(x, aux, p, t, w, gamma, PIXEL: tl.constexpr, GAMMA: tl.constexpr, LABELS: tl.constexpr):
+    """dL/dz of the sigmoid pixel losses (elementwise), aux = exp(-x)."""
+    if PIXEL == 1:
+        dz = w * (p - t)
+    else:
+        s_neg = _sigmoid_of_signed(x, t, p, LABELS)  # sigmoid(-z (2t - 1))
+        b = _softplus_parts(x, aux) - t * x
+        dz = w * _pow(s_neg, gamma, GAMMA) * ((p - t) - gamma * b * (2.0 * t - 1.0) * (1.0 - s_neg))
+    return dz
+
+
+@triton.jit
+def _pixel_dz(x, aux, p, t, keep, w, gamma, ACTIVATION: tl.constexpr, PIXEL: tl.constexpr, GAMMA: tl.constexpr,
+              LABELS: tl.constexpr):
+    """dL/dz of the pixel-loss rows for w = gX * t + gL (see dicetorch.reference._pixel_backward)."""
+    if ACTIVATION == 0:
+        h = _softmax_pixel_h(aux, p, keep, w, gamma, PIXEL, GAMMA)
+        dz = h - p * tl.sum(h, axis=1)[:, None]
+    else:
+        dz = _sigmoid_pixel_dz(x, aux, p, t, w, gamma, PIXEL, GAMMA, LABELS)
+    return dz
 
 
 @triton.jit
@@ -322,18 +415,22 @@ def _fold(v, BLOCK_M: tl.constexpr, PX: tl.constexpr, BLOCK_C: tl.constexpr):
 
 # the grid-shape arguments are not specialized: a warm-up compile (to size the grid from the
 # kernel's registers) then builds the very kernel that the launch runs
-@triton.jit(do_not_specialize=["programs_per_image", "num_tiles"])
+@triton.jit(do_not_specialize=["programs_per_image", "num_tiles", "gamma"])
 def _tile_fwd_kernel(
     x_ptr, t_ptr, part_ptr,
-    M, programs_per_image, num_tiles, ignore_index,
+    M, programs_per_image, num_tiles, ignore_index, gamma,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     C: tl.constexpr, ACTIVATION: tl.constexpr, POWER: tl.constexpr, LABELS: tl.constexpr,
     HAS_IGNORE: tl.constexpr, LABEL_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     PX: tl.constexpr, LV: tl.constexpr, X_MODE: tl.constexpr, T_MODE: tl.constexpr, PREFETCH: tl.constexpr,
-    INT64: tl.constexpr, FP64: tl.constexpr,
+    PIXEL: tl.constexpr, GAMMA: tl.constexpr, INT64: tl.constexpr, FP64: tl.constexpr,
 ):
-    """part[n, j] = (sum p*t, sum p^q, sum t^q) over the tiles j, j + P, ... of image n (P programs)."""
+    """part[n, j] = (sum p*t, sum p^q, sum t^q [, sum t*e, sum e]) over the tiles j, j + P, ... of image n.
+
+    PIXEL: 0 none, 1 cross-entropy, 2 focal (rows X, L of the pixel loss's element term e); GAMMA:
+    the focal exponent when it is 0, 1 or 2 (products), else -1 (the run-time ``gamma``).
+    """
     pid = tl.program_id(0)
     n = pid // programs_per_image
     j = pid % programs_per_image
@@ -345,6 +442,8 @@ def _tile_fwd_kernel(
     acc_i = tl.zeros([BLOCK_M // PX, BLOCK_C], dtype=acc_dt)
     acc_p = tl.zeros([BLOCK_M // PX, BLOCK_C], dtype=acc_dt)
     acc_t = tl.zeros([BLOCK_M // PX, BLOCK_C], dtype=acc_dt)
+    acc_x = tl.zeros([BLOCK_M // PX, BLOCK_C], dtype=acc_dt)  # pixel-loss rows (eliminated when PIXEL == 0)
+    acc_l = tl.zeros([BLOCK_M // PX, BLOCK_C], dtype=acc_dt)
     if PREFETCH:
         tgt, x = _load_tile(x_base, t_base, j, M, stride_xc, stride_xm, stride_tc, stride_tm, C, LABELS,
                             BLOCK_C, BLOCK_M, PX, LV, X_MODE, T_MODE, INT64)
@@ -357,8 +456,8 @@ def _tile_fwd_kernel(
         else:
             tgt, x = _load_tile(x_base, t_base, tile, M, stride_xc, stride_xm, stride_tc, stride_tm, C, LABELS,
                                 BLOCK_C, BLOCK_M, PX, LV, X_MODE, T_MODE, INT64)
-        p, t, keep = _tile_math(tgt, x, tile, M, ignore_index, C, ACTIVATION, LABELS, HAS_IGNORE, LABEL_OFFSET,
-                                BLOCK_C, BLOCK_M, PX, INT64, FP64)
+        p, t, keep, z, aux = _tile_math(tgt, x, tile, M, ignore_index, C, ACTIVATION, LABELS, HAS_IGNORE,
+                                        LABEL_OFFSET, BLOCK_C, BLOCK_M, PX, INT64, FP64)
         acc_i += _fold(p * t, BLOCK_M, PX, BLOCK_C)
         if POWER == 1:
             acc_p += _fold(p, BLOCK_M, PX, BLOCK_C)
@@ -366,30 +465,39 @@ def _tile_fwd_kernel(
         else:
             acc_p += _fold(p * p, BLOCK_M, PX, BLOCK_C)
             acc_t += _fold(t * t, BLOCK_M, PX, BLOCK_C)
+        if PIXEL != 0:
+            e = _pixel_term(z, aux, p, t, keep, gamma, ACTIVATION, PIXEL, GAMMA, LABELS)
+            acc_x += _fold(t * e, BLOCK_M, PX, BLOCK_C)
+            acc_l += _fold(e, BLOCK_M, PX, BLOCK_C)
         if PREFETCH:
             tgt = tgt_next
             x = x_next
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    part = part_ptr + pid.to(tl.int64) * 3 * C
+    rows = 3 if PIXEL == 0 else 5
+    part = part_ptr + pid.to(tl.int64) * rows * C
     tl.store(part + offs_c, tl.sum(acc_i, axis=0), mask=cmask)
     tl.store(part + C + offs_c, tl.sum(acc_p, axis=0), mask=cmask)
     tl.store(part + 2 * C + offs_c, tl.sum(acc_t, axis=0), mask=cmask)
+    if PIXEL != 0:
+        tl.store(part + 3 * C + offs_c, tl.sum(acc_x, axis=0), mask=cmask)
+        tl.store(part + 4 * C + offs_c, tl.sum(acc_l, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gamma"])
 def _tile_bwd_kernel(
     grad_ptr, x_ptr, t_ptr, out_ptr,
-    M, tiles_per_image, ignore_index,
+    M, tiles_per_image, ignore_index, gamma,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     stride_on, stride_oc, stride_om,
     C: tl.constexpr, ACTIVATION: tl.constexpr, POWER: tl.constexpr, LABELS: tl.constexpr,
     HAS_IGNORE: tl.constexpr, LABEL_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
     PX: tl.constexpr, LV: tl.constexpr, X_MODE: tl.constexpr, T_MODE: tl.constexpr, O_MODE: tl.constexpr,
-    INT64: tl.constexpr, FP64: tl.constexpr,
+    PIXEL: tl.constexpr, GAMMA: tl.constexpr, INT64: tl.constexpr, FP64: tl.constexpr,
 ):
-    """dL/dx of one (image, tile): g = gI*t + gP*q*p^(q-1), then the activation's Jacobian."""
+    """dL/dx of one (image, tile): g = gI*t + gP*q*p^(q-1), then the activation's Jacobian, plus the
+    pixel loss's gradient (PIXEL, GAMMA as in the forward)."""
     pid = tl.program_id(0)
     n = pid // tiles_per_image
     tile = pid % tiles_per_image
@@ -399,11 +507,12 @@ def _tile_bwd_kernel(
                         stride_tm, C, LABELS, BLOCK_C, BLOCK_M, PX, LV, X_MODE, T_MODE, INT64)
     offs_c = tl.arange(0, BLOCK_C)
     cmask = offs_c < C
-    g_base = grad_ptr + n.to(tl.int64) * 3 * C
+    rows = 3 if PIXEL == 0 else 5
+    g_base = grad_ptr + n.to(tl.int64) * rows * C
     gi = tl.load(g_base + offs_c, mask=cmask, other=0.0)
     gp = tl.load(g_base + C + offs_c, mask=cmask, other=0.0)
-    p, t, keep = _tile_math(tgt, x, tile, M, ignore_index, C, ACTIVATION, LABELS, HAS_IGNORE, LABEL_OFFSET,
-                            BLOCK_C, BLOCK_M, PX, INT64, FP64)
+    p, t, keep, z, aux = _tile_math(tgt, x, tile, M, ignore_index, C, ACTIVATION, LABELS, HAS_IGNORE, LABEL_OFFSET,
+                                    BLOCK_C, BLOCK_M, PX, INT64, FP64)
     if POWER == 1:
         g = gi[None, :] * t + gp[None, :]
     else:
@@ -415,6 +524,11 @@ def _tile_bwd_kernel(
         dz = g * p * (1.0 - p)
     else:
         dz = g
+    if PIXEL != 0:
+        gx = tl.load(g_base + 3 * C + offs_c, mask=cmask, other=0.0)
+        gl = tl.load(g_base + 4 * C + offs_c, mask=cmask, other=0.0)
+        w = tl.where(keep, gx[None, :] * t + gl[None, :], 0.0)
+        dz += _pixel_dz(z, aux, p, t, keep, w, gamma, ACTIVATION, PIXEL, GAMMA, LABELS)
     dz = tl.where(keep, dz, 0.0)  # exactly 0 for ignored pixels, whatever grad holds
     _store_operand(out_ptr + n * stride_on, tile, M, dz.to(out_ptr.dtype.element_ty), stride_oc, stride_om, C,
                    BLOCK_C, BLOCK_M, PX, O_MODE, INT64)
