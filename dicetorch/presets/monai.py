@@ -49,34 +49,12 @@ class _MonaiBase(nn.Module):
         ``batch`` (see :meth:`_pooled`).
         """
         c = input.shape[1]
-        act, x = "none", input
-        if self.sigmoid:
-            act = "sigmoid"
-        if self.softmax:
-            if c == 1:
-                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=3)
-            else:
-                act = "softmax"
+        act, x = self._activation(input), input
         if self.other_act is not None:
             x = self.other_act(input)  # unfused: the operator sums the activated values
 
         ii = self.ignore_index
-        labels = None
-        if self.to_onehot_y:
-            if c == 1:
-                warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=3)
-            else:
-                labels = target if target.dim() >= 2 else target.reshape(*target.shape, 1)
-                if labels.shape[1] != 1:
-                    raise AssertionError("labels should have a channel with length equal to one.")
-                if labels.shape[2:] != input.shape[2:] or labels.shape[0] != input.shape[0]:
-                    raise AssertionError(
-                        f"ground truth has different shape ({(labels.shape[0], c, *labels.shape[2:])}) "
-                        f"from input ({tuple(input.shape)})")
-                labels = labels.long()  # monai.networks.one_hot casts with .long()
-                ops.check_target_values(input, labels, ii)  # MONAI's scatter rejects other labels
-        if labels is None and tuple(target.shape) != tuple(input.shape):
-            raise AssertionError(f"ground truth has different shape ({target.shape}) from input ({input.shape})")
+        labels = self._labels(input, target)
 
         # MONAI's spatial ignore mask (create_ignore_mask) on a float target: unfused
         mask = None
@@ -113,7 +91,45 @@ class _MonaiBase(nn.Module):
             else:
                 s = ops.dice_stats(p, t, "none", power, None, self.backend)
                 tp, p_sum, t_sum = s.unbind(1)
+        return self._finish_sums(tp, p_sum, t_sum, input)
 
+    def _activation(self, input: Tensor) -> str:
+        """The operator's activation for MONAI's flags ("none" with ``other_act``, which is applied apart)."""
+        act = "none"
+        if self.sigmoid:
+            act = "sigmoid"
+        if self.softmax:
+            if input.shape[1] == 1:
+                warnings.warn("single channel prediction, `softmax=True` ignored.", stacklevel=4)
+            else:
+                act = "softmax"
+        return act
+
+    def _labels(self, input: Tensor, target: Tensor) -> Optional[Tensor]:
+        """The labels (N, 1, *spatial) as int64 that ``to_onehot_y`` one-hot encodes (C > 1), else None;
+        raises where MONAI's one-hot or shape check does."""
+        c = input.shape[1]
+        labels = None
+        if self.to_onehot_y:
+            if c == 1:
+                warnings.warn("single channel prediction, `to_onehot_y=True` ignored.", stacklevel=4)
+            else:
+                labels = target if target.dim() >= 2 else target.reshape(*target.shape, 1)
+                if labels.shape[1] != 1:
+                    raise AssertionError("labels should have a channel with length equal to one.")
+                if labels.shape[2:] != input.shape[2:] or labels.shape[0] != input.shape[0]:
+                    raise AssertionError(
+                        f"ground truth has different shape ({(labels.shape[0], c, *labels.shape[2:])}) "
+                        f"from input ({tuple(input.shape)})")
+                labels = labels.long()  # monai.networks.one_hot casts with .long()
+                ops.check_target_values(input, labels, self.ignore_index)  # MONAI's scatter rejects other labels
+        if labels is None and tuple(target.shape) != tuple(input.shape):
+            raise AssertionError(f"ground truth has different shape ({target.shape}) from input ({input.shape})")
+        return labels
+
+    def _finish_sums(self, tp: Tensor, p_sum: Tensor, t_sum: Tensor, input: Tensor):
+        """(N, C) sums -> MONAI's background slice, then the batch sum or the pooled sum (see :meth:`_sums`)."""
+        c = input.shape[1]
         if not self.include_background:
             if c == 1:
                 warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=3)
@@ -159,7 +175,10 @@ class _MonaiDice(_MonaiBase):
         self.register_buffer("class_weight", torch.as_tensor(weight) if weight is not None else None)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        tp, p_sum, t_sum = self._sums(input, target, 2 if self.squared_pred else 1)
+        return self._from_sums(*self._sums(input, target, 2 if self.squared_pred else 1), input)
+
+    def _from_sums(self, tp: Tensor, p_sum: Tensor, t_sum: Tensor, input: Tensor) -> Tensor:
+        """MONAI's DiceLoss from the sums of :meth:`_sums` (also used by the compound presets)."""
         fp, fn = p_sum - tp, t_sum - tp
         if not self.jaccard:
             fp, fn = fp * 0.5, fn * 0.5
@@ -249,7 +268,10 @@ class _MonaiGeneralizedDice(_MonaiBase):
             # MONAI's torch.max(w, dim=1) on the pooled 0-dim weights fails; so does the preset
             raise IndexError("MONAI 1.6's GeneralizedDiceLoss needs spatial dims or batch=True: without them its "
                              "sums pool every dim into a 0-dim tensor and torch.max(w, dim=1) raises IndexError")
-        tp, p_sum, t_sum = self._sums(input, target, 1)
+        return self._from_sums(*self._sums(input, target, 1), input)
+
+    def _from_sums(self, tp: Tensor, p_sum: Tensor, t_sum: Tensor, input: Tensor) -> Tensor:
+        """MONAI's GeneralizedDiceLoss from the sums of :meth:`_sums` (also used by the compound presets)."""
         fp, fn = (p_sum - tp) * 0.5, (t_sum - tp) * 0.5
         denominator = 2 * (tp + fp + fn)
         ground_o = t_sum.detach().float()  # MONAI: w_func(ground_o.float()), float32 weights

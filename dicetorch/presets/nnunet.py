@@ -12,19 +12,23 @@ from ._registry import Equivalent, PresetInfo, _register
 
 
 class _NnUNetSoftDice(nn.Module):
-    def __init__(self, apply_nonlin, batch_dice, do_bg, smooth, ddp, backend):
+    def __init__(self, apply_nonlin, batch_dice, do_bg, smooth, ddp, backend, clip_tp=None):
         super().__init__()
         if apply_nonlin not in (None, "softmax", "sigmoid") and not callable(apply_nonlin):
             raise TypeError(f"apply_nonlin must be None, 'softmax', 'sigmoid' or a callable, got {apply_nonlin!r}")
         self.apply_nonlin, self.batch_dice, self.do_bg, self.smooth, self.ddp = (
             apply_nonlin, batch_dice, do_bg, smooth, ddp)
+        self.clip_tp = clip_tp  # SoftDiceLoss only (MemoryEfficientSoftDiceLoss has none)
         self.backend = backend
 
-    def forward(self, x: Tensor, y: Tensor, loss_mask: Optional[Tensor] = None) -> Tensor:
+    def _check_ddp(self) -> None:
         if self.ddp and self.batch_dice and torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             raise NotImplementedError("ddp=True with batch_dice all-gathers the sums across processes (nnU-Net's "
                                       "AllGatherGrad); this preset sums within one process only")
+
+    def forward(self, x: Tensor, y: Tensor, loss_mask: Optional[Tensor] = None) -> Tensor:
+        self._check_ddp()
         c = x.shape[1]
         if x.dim() != y.dim():
             y = y.view((y.shape[0], 1, *y.shape[1:]))
@@ -59,11 +63,24 @@ class _NnUNetSoftDice(nn.Module):
                 s = ops.dice_stats(p * m, t, "none", 1, None, self.backend)  # sum p t m, sum p m
                 intersect, sum_pred = s[:, 0], s[:, 1]
                 sum_gt = (t * m).to(s.dtype).reshape(s.shape[0], c, -1).sum(-1)
+        return self._from_sums(intersect, sum_pred, sum_gt)
+
+    def _from_sums(self, intersect: Tensor, sum_pred: Tensor, sum_gt: Tensor) -> Tensor:
+        """-mean(dc) from the (N, C) sums (also used by the compound presets).
+
+        SoftDiceLoss's ``2 tp + fp + fn`` is ``P + T``; with ``clip_tp`` its tp is clipped first, so the
+        denominator is ``2 clip(tp) + (P - I) + (T - I)``.
+        """
         if not self.do_bg:
             intersect, sum_pred, sum_gt = intersect[:, 1:], sum_pred[:, 1:], sum_gt[:, 1:]
         if self.batch_dice:
             intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
-        dc = (2 * intersect + self.smooth) / torch.clip(sum_gt + sum_pred + self.smooth, 1e-8)
+        if self.clip_tp is not None:
+            tp = torch.clip(intersect, min=self.clip_tp)
+            dc = (2 * tp + self.smooth) / torch.clip(2 * tp + (sum_pred - intersect) + (sum_gt - intersect)
+                                                     + self.smooth, 1e-8)
+        else:
+            dc = (2 * intersect + self.smooth) / torch.clip(sum_gt + sum_pred + self.smooth, 1e-8)
         return -dc.mean()
 
 
