@@ -160,7 +160,7 @@ def test_grid_sizes(emu, resident, n):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-@pytest.mark.parametrize("c", [3, 21, 300])
+@pytest.mark.parametrize("c", [3, 4, 21, 300, 1100])
 def test_special_values(emu, c, dtype, channels_last):
     x, t = make(2, c, (4, 6), "labels", "softmax", dtype, channels_last=channels_last)
     x[0, : c - 1, 3] = -inf  # leading -inf channels: finite
@@ -194,6 +194,56 @@ def test_ignored_garbage(emu, c, channels_last):
     nan_grad = torch.full_like(s_dirty, nan)
     gx = emu.backward(nan_grad, dirty, t, "softmax", 1, -1, 5)
     assert torch.all(gx[bad] == 0) and torch.isnan(gx[~bad]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vector paths: what aligned, dense input really takes
+# ---------------------------------------------------------------------------------------------
+# (dtype, C, channels_last, target kind): contiguous input, and channels-last input whose pixels
+# make whole 16-byte groups (C a power of two up to 16, or C * element size a multiple of 16):
+# one lane per pixel, lanes within a warp, several warps, chunked launches (pixel_norm_kernel),
+# and channels-last pixels packed 2 or 4 to a vector (fp32 C = 2, fp16/bf16 C = 2 and 4).
+VECTOR_CASES = [
+    (F32, 1, False, "labels"), (F32, 3, False, "labels"), (F32, 8, False, "i32"), (F16, 4, False, "labels"),
+    (BF16, 2, False, "soft"), (F64, 4, False, "labels"), (F32, 300, False, "labels"), (BF16, 1100, False, "u8"),
+    (F32, 2, True, "labels"), (F32, 4, True, "soft"), (F32, 8, True, "labels"), (F32, 12, True, "labels"),
+    (F32, 16, True, "labels"), (F16, 2, True, "labels"), (F16, 4, True, "labels"), (BF16, 4, True, "soft"),
+    (F16, 8, True, "labels"), (F16, 16, True, "u8"), (BF16, 24, True, "labels"), (F64, 2, True, "labels"),
+    (F64, 4, True, "soft"), (F32, 300, True, "labels"), (F32, 2100, True, "labels"),
+]
+
+
+@pytest.mark.parametrize("dtype,c,channels_last,kind", VECTOR_CASES,
+                         ids=[f"{str(d)[6:]}-C{c}-{'cl' if cl else 'nchw'}-{k}" for d, c, cl, k in VECTOR_CASES])
+def test_vector_paths(emu, dtype, c, channels_last, kind):
+    """Every logits load, float-target load and gradient store is 128 bits wide (M = 128 pixels:
+    no tails), and the results are right."""
+    act = "sigmoid" if c == 1 else "softmax"
+    x, t = make(2, c, (8, 16), kind, act, dtype, channels_last=channels_last, seed=c)
+    check(emu, x, t, act, power=2)
+    emu.forward(x, t, act, 2, None, 5)
+    fwd = {"logits": emu.accesses(x)[0], "target": emu.accesses(t)[0] if t.is_floating_point() else {16: 1}}
+    grad = torch.ones(x.shape[0], 3, c, dtype=F64 if dtype == F64 else F32)
+    gx = emu.backward(grad, x, t, act, 2, None, 5)
+    bwd = {"logits": emu.accesses(x)[0], "gradient": emu.accesses(gx)[1]}
+    for what, widths in [*(("forward " + k, v) for k, v in fwd.items()), *(("backward " + k, v) for k, v in bwd.items())]:
+        assert widths and set(widths) == {16}, f"{what}: accesses by width in bytes {widths}"
+
+
+@pytest.mark.parametrize("kind", ["labels", "u8", "soft"])
+@pytest.mark.parametrize("dtype,c", [(F16, 2), (F16, 4), (BF16, 4), (F32, 2)], ids=["f16-C2", "f16-C4", "bf16-C4", "f32-C2"])
+def test_packed_pixels(emu, dtype, c, kind):
+    """Channels-last pixels narrower than 16 bytes, packed 2 or 4 to a vector: a single image whose
+    last vector crosses M (scalar tail), and images whose runs stay whole."""
+    act = "softmax"
+    x, t = make(1, c, (5, 7), kind, act, dtype, ignore_index=None, channels_last=True, seed=c)
+    check(emu, x, t, act, power=2)
+    loads = emu.accesses(x)[0]
+    assert loads.get(16, 0) > 0 and set(loads) == {16, x.element_size()}, loads  # vectors, then the tail
+    x, t = make(3, c, (4, 6), kind, act, dtype, channels_last=True, seed=c + 1)
+    ignore = 0 if kind == "u8" else None
+    check(emu, x, t, act, power=1, ignore_index=ignore)
+    assert set(emu.accesses(x)[0]) == {16}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,13 +3,14 @@
 // CUDA launches (current stream, grids sized from occupancy) and the ATen entry points.
 //
 // Algorithm.  A pixel's channels are handled by a group of G lanes (G a power of two), each lane
-// holding NCH channel slots of the group's pixels in registers: C <= G * NCH.  For C <= 8 (fp32;
-// C <= 4 for fp16/bf16) G = 1: one thread holds every channel of its pixels.  Up to C = 256 (128
-// for fp16/bf16) a group lies within one warp: the per-pixel reductions (channel max, channel sum,
-// and in the backward sum_j p_j g_j) are xor shuffles, with no shared memory and no barrier.  Above
-// that a group spans 2 to 8 warps and the reductions finish through shared memory ("wide"
-// kernels).  Per block step, a thread issues its target loads, then its logits loads, then does the
-// math, so no two memory round trips serialize.
+// holding NCH channel slots of the group's pixels in registers: C <= G * NCH.  For C <= max_slots
+// (dice_kernels.cuh: 8 for channels-last and for NCHW fp32 with labels; 4 for fp64, NCHW fp32 with a
+// float target and NCHW fp16/bf16 with labels; 2 for NCHW fp16/bf16 with a float target) G = 1: one
+// thread holds every channel of its pixels.  Up to C = 32 * max_slots a group lies within one warp:
+// the per-pixel reductions (channel max, channel sum, and in the backward sum_j p_j g_j) are xor
+// shuffles, with no shared memory and no barrier.  Above that a group spans 2 to 8 warps and the
+// reductions finish through shared memory ("wide" kernels).  Per block step, a thread issues its
+// target loads, then its logits loads, then does the math, so no two memory round trips serialize.
 //
 //   NCHW input: a group owns NP consecutive pixels (one 128-bit vector: 4 fp32, 8 fp16/bf16, 2 fp64);
 //     lane g loads channel g + G*c of them, c < NCH, as one 128-bit load per slot: a warp's load is
@@ -17,26 +18,38 @@
 //   channels-last input (stride_c == 1): lane g of a group loads channel vectors
 //     (g + G*b)*CV .. +CV of its pixels (CV = min(NCH, 128 bits)), consecutive lanes on consecutive
 //     vectors then consecutive pixels: contiguous 128-bit loads and stores when C * element size is a
-//     multiple of 16 bytes (and NCH * element size >= 16); otherwise coalesced scalar accesses.
+//     multiple of 16 bytes; otherwise coalesced scalar accesses.  Pixels narrower than 16 bytes
+//     (NCH * element size < 16: fp32 C = 2, fp16/bf16 C = 2 and 4; slots {2, 4, 8} as for NCHW) are
+//     packed: one thread's 128-bit vector holds PK = 16 / (NCH * element size) consecutive pixels of
+//     exactly C == NCH channels, consecutive threads on consecutive vectors (labels: one vector load
+//     per run of PK pixels).  So every channels-last input whose pixels make whole 16-byte groups (C a
+//     power of two <= 16, or C * element size a multiple of 16) moves in 128-bit accesses.
 //   Any other strides: the NCHW mapping with scalar accesses.  Misaligned pointers or strides fall
-//     back to scalar accesses (host-checked flags).
+//     back to scalar accesses (host-checked flags, vector_ok), as does a packed vector that would
+//     cross the end of an image.  Vector stores are single st.global.v4/v2 instructions (inline PTX:
+//     nvcc splits a plain uint4 store into four 32-bit ones).
 //
 // Forward.  Softmax normaliser once per pixel: max over the group (fmax, then shuffles), e = exp(x -
 // max) kept in the registers that held x (one exp per element), sum over the group, p = e / sum.
 // Each lane adds p*t, p^q and t^q of its NCH classes into 3*NCH register accumulators that persist
 // over the program's block steps.  The grid is persistent: (programs per image) x (images), at
 // most one wave of resident blocks (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs, cached per
-// kernel and device), each program walking block steps b, b + programs, ...  At the end of an image
-// a program reduces its accumulators over the block in a fixed order (xor shuffles, then warps in
-// order) and writes partial[n, which, k, program]; reduce_partial_kernel adds a row's programs in a
-// fixed order.  No float atomics: the result is deterministic.
+// kernel and device), each program walking block steps b, b + programs, ...  The register budget is
+// set by __launch_bounds__: 2 blocks of 256 threads per SM (1 for fp64); 3 for the channels-last
+// kernels with 8 slots and labels (at most 80 registers: 37.5 % occupancy and 36 KiB of loads in
+// flight per SM with fp16/bf16, where the forward took 92 registers on sm_80/90 and the backward
+// 110 on sm_100/120, 25 % and 24 KiB).  At the end of an image a program reduces its
+// accumulators over the block in a fixed order (xor shuffles, then warps in order) and writes
+// partial[n, which, k, program]; reduce_partial_kernel adds a row's programs in a fixed order.  No
+// float atomics: the result is deterministic.
 // Backward.  The same tiles: one read of x (and labels/target), normaliser once per pixel, one exp
 // per element kept in registers, g = dL/dp recomputed from registers, sum_j p_j g_j once per pixel
 // (group reduction), one write of dL/dx.
 // Huge C (more than 256 * NCH channels): pixel_norm_kernel first computes each pixel's (max, 1/sum)
-// with the online update (dice_math.h; one exp per element), then the wide kernel runs once per
-// chunk of channels with that normaliser (a second exp per element); the backward adds one chunked
-// pass that accumulates sum_j p_j g_j per pixel in chunk order.
+// with the online update (dice_math.h; one exp per element; 128-bit loads: NCHW, a thread per run of
+// one vector of pixels; channels-last, a warp per pixel, lanes on channel vectors), then the wide
+// kernel runs once per chunk of channels with that normaliser (a second exp per element); the
+// backward adds one chunked pass that accumulates sum_j p_j g_j per pixel in chunk order.
 //
 // Semantics: NaN in -> NaN out (a NaN logit makes its pixel's sum NaN); leading -inf channels are
 // finite (max is taken first, so -inf - -inf only happens when every channel is -inf, which is NaN

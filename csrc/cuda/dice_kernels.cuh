@@ -39,12 +39,19 @@ constexpr int64_t kMaxGridY = DICETORCH_MAX_GRID_Y;
 //   NCH    channel slots per thread (a thread handles channels of its pixel group in NCH registers
 //          per pixel);  C <= G * NCH, G = lanes per pixel group (run-time, a power of two)
 //   kCL    channel-contiguous mapping (channels-last input); else pixel-contiguous (NCHW) mapping
-//   kWide  G > 32: a pixel group spans several warps (C > 32 * NCH): group reductions go through
-//          shared memory, with barriers; never used for C <= 256
+//   kWide  G > 32: a pixel group spans several warps (C > 32 * max_slots, 64 to 256 channels):
+//          group reductions go through shared memory, with barriers
 // Pixels per group: NCHW: one 128-bit vector of consecutive pixels per channel slot; channels-last:
-// 16 values per thread (NCH channels x NP pixels; 8 for fp64, which takes two registers a value).
+// 16 values per thread (NCH channels x NP pixels; 8 for fp64, which takes two registers a value),
+// NP a multiple of the pixels per 128-bit vector (pack_pixels).
 constexpr int group_pixels(int elem_bytes, bool cl, int nch) {
   return cl ? ((elem_bytes == 8 ? 8 : 16) / nch > 1 ? (elem_bytes == 8 ? 8 : 16) / nch : 1) : 16 / elem_bytes;
+}
+// Channels-last with pixels narrower than 16 bytes (NCH * element size < 16: fp32 C = 2, fp16/bf16
+// C = 2 and 4): one 128-bit vector holds PK = 16 / (NCH * element size) consecutive pixels of NCH
+// channels ("packed" pixels; used when C == NCH and the pixels are dense, else scalar accesses).
+constexpr int pack_pixels(int elem_bytes, bool cl, int nch) {
+  return cl && nch * elem_bytes < 16 ? 16 / (nch * elem_bytes) : 1;
 }
 
 template <typename scalar_t, bool kCL, int NCH>
@@ -53,8 +60,12 @@ struct Geometry {
   static constexpr int kVec = 16 / int(sizeof(scalar_t));
   // channels-last: channels per vector access (NCH may be smaller than a 128-bit vector)
   static constexpr int kCV = kCL ? (NCH < kVec ? NCH : kVec) : 1;
+  // channels-last: pixels per vector access (kCV * kPK elements: 128 bits)
+  static constexpr int kPK = pack_pixels(int(sizeof(scalar_t)), kCL, NCH);
   static constexpr int kNP = group_pixels(int(sizeof(scalar_t)), kCL, NCH);
   static_assert(!kCL || NCH % kCV == 0, "channels-last slots come in whole vectors");
+  static_assert(!kCL || kCV * kPK == kVec, "channels-last vectors are 128 bits");
+  static_assert(kNP % kPK == 0, "a thread's pixels come in whole vectors");
 };
 
 // Largest NCH of each mapping.  Register budget: about 32 values per thread (x, or x and a float
@@ -149,6 +160,16 @@ __device__ __forceinline__ void stg(T* p, T v) {
 #endif
   *p = v;
 }
+// Vector stores in one instruction: a plain store of a uint4 built from scalars may be split into
+// four 32-bit stores (nvcc does so for the NCHW gradient).
+#ifndef DICETORCH_CUDA_EMULATION
+__device__ __forceinline__ void stg(uint4* p, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+__device__ __forceinline__ void stg(uint2* p, uint2 v) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y));
+}
+#endif
 
 /// Plain (coherent) global load: for data this kernel also writes (the dot buffer).
 template <typename T>
@@ -159,10 +180,10 @@ __device__ __forceinline__ T ldp(const T* p) {
   return *p;
 }
 
-/// N consecutive elements from p, which the caller guarantees is aligned to min(16, N*sizeof(T))
-/// bytes: 128-bit loads (narrower when the whole run is narrower).
+/// N consecutive elements from p to out[0..N), p aligned to min(16, N*sizeof(T)) bytes (the
+/// caller guarantees it): 128-bit loads (narrower when the whole run is narrower).
 template <typename T, int N>
-__device__ __forceinline__ void load_aligned(const T* p, T (&out)[N]) {
+__device__ __forceinline__ void load_aligned(const T* p, T* out) {
   constexpr int kBytes = N * int(sizeof(T));
   constexpr int kChunk = kBytes < 16 ? kBytes : 16;
   using C = typename Chunk<kChunk>::type;
@@ -173,9 +194,9 @@ __device__ __forceinline__ void load_aligned(const T* p, T (&out)[N]) {
   }
 }
 
-/// N consecutive elements to p (aligned as for load_aligned).
+/// in[0..N) to N consecutive elements at p (aligned as for load_aligned).
 template <typename T, int N>
-__device__ __forceinline__ void store_aligned(T* p, const T (&in)[N]) {
+__device__ __forceinline__ void store_aligned(T* p, const T* in) {
   constexpr int kBytes = N * int(sizeof(T));
   constexpr int kChunk = kBytes < 16 ? kBytes : 16;
   using C = typename Chunk<kChunk>::type;
@@ -194,17 +215,20 @@ __device__ __forceinline__ void store_aligned(T* p, const T (&in)[N]) {
 // g = tid % G, consecutive lanes) owns NP pixels; lane g holds NCH channel slots of each of them.
 //   NCHW mapping:          pixel j = step*PB + pv*NP + j     (NP = one 128-bit vector of pixels)
 //                          channel of slot c = g + G*c        (a 128-bit load per slot)
-//   channels-last mapping: pixel j = step*PB + j*(256/G) + pv (consecutive lanes: consecutive
-//                          pixels, or consecutive channel vectors of one pixel)
-//                          channel of slot c = (g + G*(c/CV))*CV + c%CV  (a CV-wide load per
-//                          c/CV, 128-bit when CV*sizeof = 16)
+//   channels-last mapping: pixel j = step*PB + (j/PK)*(256/G)*PK + pv*PK + j%PK (consecutive lanes:
+//                          consecutive pixels, or consecutive channel vectors of one pixel; PK > 1:
+//                          consecutive runs of PK pixels)
+//                          channel of slot c = (g + G*(c/CV))*CV + c%CV  (a 128-bit load per c/CV
+//                          and run of PK pixels: CV channels x PK pixels)
 // Every lane of a warp runs every step (pixels past M are masked, not skipped), so the group
 // reductions' shuffles always see the full warp.
 template <typename scalar_t, bool kCL_, int NCH>
 struct Tile {
   using Geo = Geometry<scalar_t, kCL_, NCH>;
-  static constexpr int NP = Geo::kNP, CV = Geo::kCV;
+  static constexpr int NP = Geo::kNP, CV = Geo::kCV, PK = Geo::kPK;
   static constexpr bool kCL = kCL_;
+  // labels: runs of consecutive pixels (a vector load each when t_vec)
+  static constexpr int kRun = kCL_ ? PK : NP;
 
   int g, pv, pvb;  // lane in group, group in block, groups per block
   int G;
@@ -216,7 +240,7 @@ struct Tile {
 
   /// Pixel of slot j in block step `step`.
   __device__ __forceinline__ int64_t pixel(int64_t step, int j) const {
-    return kCL_ ? step * pb + int64_t(j) * pvb + pv : step * pb + int64_t(pv) * NP + j;
+    return kCL_ ? step * pb + int64_t(j / PK) * pvb * PK + pv * PK + j % PK : step * pb + int64_t(pv) * NP + j;
   }
   /// Channel (relative to the launch's first channel) of slot c.
   __device__ __forceinline__ int channel(int c) const {
@@ -224,21 +248,22 @@ struct Tile {
   }
 };
 
-/// Labels of the tile's pixels as int64 (type L); NCHW mapping: one aligned vector when t_vec.
+/// Labels of the tile's pixels as int64 (type L): runs of kRun consecutive pixels, one aligned
+/// vector each when t_vec (and the run lies before M).
 template <typename L, typename TileT>
 __device__ __forceinline__ void load_labels(const TileT& tl, const void* __restrict__ t, int64_t n, int64_t step,
                                             const Args& a, int64_t (&lab)[TileT::NP]) {
-  constexpr int NP = TileT::NP;
+  constexpr int NP = TileT::NP, R = TileT::kRun;
   const L* tn = static_cast<const L*>(t) + n * a.ts.n;
   L raw[NP];
-  const int64_t m0 = tl.pixel(step, 0);
-  if (!TileT::kCL && a.t_vec && m0 + NP <= a.M) {
-    load_aligned<L, NP>(tn + m0, raw);
-  } else {
 #pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int64_t m = tl.pixel(step, j);
-      raw[j] = m < a.M ? ldg1(tn + m * a.ts.m) : L(0);
+  for (int r = 0; r < NP / R; ++r) {
+    const int64_t m0 = tl.pixel(step, r * R);
+    if (R > 1 && a.t_vec && m0 + R <= a.M) {
+      load_aligned<L, R>(tn + m0, raw + r * R);
+    } else {
+#pragma unroll
+      for (int i = 0; i < R; ++i) raw[r * R + i] = m0 + i < a.M ? ldg1(tn + (m0 + i) * a.ts.m) : L(0);
     }
   }
 #pragma unroll
@@ -271,13 +296,14 @@ __device__ __forceinline__ void load_codes(const TileT& tl, const void* __restri
 }
 
 /// Values v[c][j] (acc_t) of an (N, C, M) operand at the tile's (channel slot, pixel) positions;
-/// 0 where the channel is >= C or the pixel >= M.  vec: aligned vector access allowed.
+/// 0 where the channel is >= C or the pixel >= M.  vec: aligned vector access allowed (host-checked:
+/// channels-last, C % CV == 0, and with PK > 1 dense pixels of exactly NCH == C channels).
 template <typename scalar_t, typename acc_t, bool kCL, int NCH>
 __device__ __forceinline__ void load_tile(const Tile<scalar_t, kCL, NCH>& tl, const scalar_t* __restrict__ base,
                                           const Strides3& s, int64_t step, int64_t C, int64_t M, bool vec,
                                           acc_t (&v)[NCH][Tile<scalar_t, kCL, NCH>::NP]) {
   using TileT = Tile<scalar_t, kCL, NCH>;
-  constexpr int NP = TileT::NP, CV = TileT::CV;
+  constexpr int NP = TileT::NP, CV = TileT::CV, PK = TileT::PK;
   if constexpr (!kCL) {
     const int64_t m0 = tl.pixel(step, 0);
     const bool full = vec && m0 + NP <= M;
@@ -302,27 +328,35 @@ __device__ __forceinline__ void load_tile(const Tile<scalar_t, kCL, NCH>& tl, co
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int64_t m = tl.pixel(step, j);
-      const scalar_t* px = base + m * s.m;
+    for (int jv = 0; jv < NP / PK; ++jv) {
+      const int64_t m0 = tl.pixel(step, jv * PK);  // a run of PK consecutive pixels
+      const scalar_t* px = base + m0 * s.m;
 #pragma unroll
       for (int b = 0; b < NCH / CV; ++b) {
         const int kb = (tl.g + tl.G * b) * CV;
-        scalar_t raw[CV];
-        if (vec) {
-          // vec: C % CV == 0, so a vector is all in or all out
-          if (m < M && kb < C) {
-            load_aligned<scalar_t, CV>(px + kb, raw);
+        scalar_t raw[PK * CV];  // pixel-major, as in memory
+        if (vec && (PK == 1 || m0 + PK <= M)) {
+          // C % CV == 0: a vector is all in or all out
+          if (m0 < M && kb < C) {
+            load_aligned<scalar_t, PK * CV>(px + kb, raw);
           } else {
 #pragma unroll
-            for (int i = 0; i < CV; ++i) raw[i] = scalar_t(0);
+            for (int i = 0; i < PK * CV; ++i) raw[i] = scalar_t(0);
           }
         } else {
 #pragma unroll
-          for (int i = 0; i < CV; ++i) raw[i] = (m < M && kb + i < C) ? ldg1(px + (kb + i) * s.c) : scalar_t(0);
+          for (int p = 0; p < PK; ++p) {
+#pragma unroll
+            for (int i = 0; i < CV; ++i) {
+              raw[p * CV + i] = (m0 + p < M && kb + i < C) ? ldg1(px + p * s.m + (kb + i) * s.c) : scalar_t(0);
+            }
+          }
         }
 #pragma unroll
-        for (int i = 0; i < CV; ++i) v[b * CV + i][j] = static_cast<acc_t>(raw[i]);
+        for (int p = 0; p < PK; ++p) {
+#pragma unroll
+          for (int i = 0; i < CV; ++i) v[b * CV + i][jv * PK + p] = static_cast<acc_t>(raw[p * CV + i]);
+        }
       }
     }
   }
@@ -334,7 +368,7 @@ __device__ __forceinline__ void store_tile(const Tile<scalar_t, kCL, NCH>& tl, s
                                            const Strides3& s, int64_t step, int64_t C, int64_t M, bool vec,
                                            const acc_t (&d)[NCH][Tile<scalar_t, kCL, NCH>::NP]) {
   using TileT = Tile<scalar_t, kCL, NCH>;
-  constexpr int NP = TileT::NP, CV = TileT::CV;
+  constexpr int NP = TileT::NP, CV = TileT::CV, PK = TileT::PK;
   if constexpr (!kCL) {
     const int64_t m0 = tl.pixel(step, 0);
     const bool full = vec && m0 + NP <= M;
@@ -358,22 +392,28 @@ __device__ __forceinline__ void store_tile(const Tile<scalar_t, kCL, NCH>& tl, s
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int64_t m = tl.pixel(step, j);
-      if (m < M) {
-        scalar_t* px = base + m * s.m;
+    for (int jv = 0; jv < NP / PK; ++jv) {
+      const int64_t m0 = tl.pixel(step, jv * PK);
+      if (m0 < M) {
+        scalar_t* px = base + m0 * s.m;
 #pragma unroll
         for (int b = 0; b < NCH / CV; ++b) {
           const int kb = (tl.g + tl.G * b) * CV;
-          scalar_t raw[CV];
+          scalar_t raw[PK * CV];
 #pragma unroll
-          for (int i = 0; i < CV; ++i) raw[i] = static_cast<scalar_t>(d[b * CV + i][j]);
-          if (vec) {
-            if (kb < C) store_aligned<scalar_t, CV>(px + kb, raw);
+          for (int p = 0; p < PK; ++p) {
+#pragma unroll
+            for (int i = 0; i < CV; ++i) raw[p * CV + i] = static_cast<scalar_t>(d[b * CV + i][jv * PK + p]);
+          }
+          if (vec && (PK == 1 || m0 + PK <= M)) {
+            if (kb < C) store_aligned<scalar_t, PK * CV>(px + kb, raw);
           } else {
 #pragma unroll
-            for (int i = 0; i < CV; ++i) {
-              if (kb + i < C) stg(px + (kb + i) * s.c, raw[i]);
+            for (int p = 0; p < PK; ++p) {
+#pragma unroll
+              for (int i = 0; i < CV; ++i) {
+                if (m0 + p < M && kb + i < C) stg(px + p * s.m + (kb + i) * s.c, raw[p * CV + i]);
+              }
             }
           }
         }
@@ -491,6 +531,16 @@ __device__ __forceinline__ void activate(const TileT& tl, acc_t (&v)[NCH][NP], i
   }
 }
 
+// Resident blocks per SM that the register allocation must allow (__launch_bounds__): 2 (1 for
+// fp64); 3 for the channels-last kernels with 8 slots and labels (forward: 16 values and 24
+// accumulators a thread): 80 registers and 37.5 % occupancy instead of 92 (forward, sm_80/90) or
+// 110 (backward, sm_100/120) and 25 %.  With a float target (16 more values) the forward would
+// spill on sm_120; those keep 2 blocks and have twice the label kernels' loads in flight.
+template <typename acc_t, bool kLabels, int NCH, bool kCL, bool kWide>
+constexpr int min_blocks() {
+  return sizeof(acc_t) == 8 ? 1 : (kLabels && kCL && NCH == 8 && !kWide) ? 3 : 2;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward: per-program partial sums
 // ------------------------------------------------------------------------------------------------
@@ -500,7 +550,7 @@ __device__ __forceinline__ void activate(const TileT& tl, acc_t (&v)[NCH][NP], i
 // and writes partial[n, which, c0 + k, blockIdx.x].  reduce_partial_kernel adds the programs' columns
 // in order: deterministic, no atomics.
 template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide>
-__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2)
+__global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL, kWide>())
     forward_partial_kernel(const scalar_t* __restrict__ x, const void* __restrict__ t, acc_t* __restrict__ partial,
                            const acc_t* __restrict__ norm, const Args a) {
   using TileT = Tile<scalar_t, kCL, NCH>;
@@ -597,7 +647,7 @@ __global__ void __launch_bounds__(kThreads)
 // Backward: one read of x (and the target), one write of dL/dx
 // ------------------------------------------------------------------------------------------------
 template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide>
-__global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2)
+__global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL, kWide>())
     backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x, const void* __restrict__ t,
                     scalar_t* __restrict__ gx, const acc_t* __restrict__ norm, acc_t* __restrict__ dot_buf,
                     const Args a) {
@@ -703,42 +753,85 @@ __global__ void __launch_bounds__(kThreads, sizeof(acc_t) == 8 ? 1 : 2)
 // ------------------------------------------------------------------------------------------------
 // Huge C: softmax normaliser per pixel over all channels (max, 1/sum), one exp per element
 // ------------------------------------------------------------------------------------------------
-// NCHW: one thread per pixel (consecutive threads, consecutive pixels) walks the channels with the
-// online update.  Channels-last: one warp per pixel, lanes on consecutive channels, then the lanes'
-// normalisers merged by xor shuffles (online_softmax_merge).
+// Images on grid.y (looping over more), pixels on grid.x: no 64-bit division.
+// NCHW: one thread per run of V consecutive pixels (V = one 128-bit vector; consecutive threads,
+// consecutive runs) walks the channels with the online update of each pixel, one 128-bit load per
+// channel (scalar loads without vec, or for a run that crosses M).  Channels-last: one warp per
+// pixel, lanes on consecutive channel vectors (128-bit with vec, else lanes on consecutive
+// channels), then the lanes' normalisers merged by xor shuffles (online_softmax_merge).
+// vec: host-checked as vector_ok (NCHW: unit pixel stride; channels-last: C, pixel and image
+// strides multiples of V), with a 16-byte aligned x.
+// (At least 4 blocks per SM: up to 64 registers a thread.  With no minimum, ptxas for sm_100 and
+// sm_120 chose 32 and 40 registers and spilled.)
 template <typename scalar_t, typename acc_t, bool kCL>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
     pixel_norm_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ norm, int64_t N, int64_t C, int64_t M,
-                      Strides3 xs) {
+                      Strides3 xs, bool vec) {
+  constexpr int V = 16 / int(sizeof(scalar_t));
   const auto ex = [](acc_t v) { return dexp(v); };
-  const int64_t total = N * M;
-  if constexpr (!kCL) {
-    const int64_t step = int64_t(gridDim.x) * kThreads;
-    for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += step) {
-      const int64_t n = i / M, m = i - n * M;
-      const scalar_t* px = x + n * xs.n + m * xs.m;
-      acc_t mx = -static_cast<acc_t>(INFINITY), s = 0;
-      for (int64_t k = 0; k < C; ++k) online_softmax_update(mx, s, static_cast<acc_t>(ldg1(px + k * xs.c)), ex);
-      stg(norm + 2 * i, mx);
-      stg(norm + 2 * i + 1, acc_t(1) / s);
-    }
-  } else {
-    const int lane = threadIdx.x & 31;
-    const int64_t step = int64_t(gridDim.x) * kWarps;
-    // warp-uniform loop: every lane of a warp runs the same iterations (shuffles below)
-    for (int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); i < total; i += step) {
-      const int64_t n = i / M, m = i - n * M;
-      const scalar_t* px = x + n * xs.n + m * xs.m;
-      acc_t mx = -static_cast<acc_t>(INFINITY), s = 0;
-      for (int64_t k = lane; k < C; k += 32) online_softmax_update(mx, s, static_cast<acc_t>(ldg1(px + k * xs.c)), ex);
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const scalar_t* xn = x + n * xs.n;
+    acc_t* normn = norm + 2 * n * M;
+    if constexpr (!kCL) {
+      for (int64_t m0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * V; m0 < M;
+           m0 += int64_t(gridDim.x) * kThreads * V) {
+        const scalar_t* px = xn + m0 * xs.m;
+        acc_t mx[V], s[V];
 #pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const acc_t m2 = __shfl_xor_sync(kFullMask, mx, off), s2 = __shfl_xor_sync(kFullMask, s, off);
-        online_softmax_merge(mx, s, m2, s2, ex);
+        for (int j = 0; j < V; ++j) {
+          mx[j] = -static_cast<acc_t>(INFINITY);
+          s[j] = 0;
+        }
+        if (vec && m0 + V <= M) {
+          for (int64_t k = 0; k < C; ++k) {
+            scalar_t raw[V];
+            load_aligned<scalar_t, V>(px + k * xs.c, raw);
+#pragma unroll
+            for (int j = 0; j < V; ++j) online_softmax_update(mx[j], s[j], static_cast<acc_t>(raw[j]), ex);
+          }
+        } else {
+          for (int64_t k = 0; k < C; ++k) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              if (m0 + j < M) {
+                online_softmax_update(mx[j], s[j], static_cast<acc_t>(ldg1(px + j * xs.m + k * xs.c)), ex);
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (m0 + j < M) {
+            stg(normn + 2 * (m0 + j), mx[j]);
+            stg(normn + 2 * (m0 + j) + 1, acc_t(1) / s[j]);
+          }
+        }
       }
-      if (lane == 0) {
-        stg(norm + 2 * i, mx);
-        stg(norm + 2 * i + 1, acc_t(1) / s);
+    } else {
+      const int lane = threadIdx.x & 31;
+      // warp-uniform loop: every lane of a warp runs the same iterations (shuffles below)
+      for (int64_t m = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); m < M; m += int64_t(gridDim.x) * kWarps) {
+        const scalar_t* px = xn + m * xs.m;
+        acc_t mx = -static_cast<acc_t>(INFINITY), s = 0;
+        if (vec) {  // C % V == 0
+          for (int64_t k = int64_t(lane) * V; k < C; k += 32 * V) {
+            scalar_t raw[V];
+            load_aligned<scalar_t, V>(px + k, raw);
+#pragma unroll
+            for (int j = 0; j < V; ++j) online_softmax_update(mx, s, static_cast<acc_t>(raw[j]), ex);
+          }
+        } else {
+          for (int64_t k = lane; k < C; k += 32) online_softmax_update(mx, s, static_cast<acc_t>(ldg1(px + k * xs.c)), ex);
+        }
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const acc_t m2 = __shfl_xor_sync(kFullMask, mx, off), s2 = __shfl_xor_sync(kFullMask, s, off);
+          online_softmax_merge(mx, s, m2, s2, ex);
+        }
+        if (lane == 0) {
+          stg(normn + 2 * m, mx);
+          stg(normn + 2 * m + 1, acc_t(1) / s);
+        }
       }
     }
   }
@@ -756,6 +849,7 @@ struct Plan {
   int nch;        // channel slots per lane
   int G, log2G;   // lanes per pixel group
   int np;         // pixels per group
+  int pk;         // channels-last: pixels per 128-bit vector (1, or 2/4 packed pixels)
   int64_t chunk;  // channels per launch (C unless C > 256 * nch)
   int64_t pb;     // pixels per block step
 };
@@ -773,7 +867,8 @@ inline int ilog2(int v) {
 
 
 /// Slots and lanes for C channels: the fewest lanes per pixel (G) that hold C in at most
-/// max_slots registers each, then the smallest slot count {2, 4, 8} that covers C with G lanes.
+/// max_slots registers each, then the smallest slot count {2, 4, 8} that covers C with G lanes
+/// (channels-last C = 2 or 4 with 2-byte elements, or C = 2 with 4-byte ones: packed pixels).
 template <typename scalar_t, bool kLabels>
 Plan make_plan(int64_t C, bool cl) {
   Plan p{};
@@ -784,7 +879,7 @@ Plan make_plan(int64_t C, bool cl) {
     p.wide = false;
     p.G = ceil_pow2(need);
     const int64_t per = (C + p.G - 1) / p.G;
-    p.nch = per <= 2 && !cl ? 2 : per <= 4 ? 4 : 8;  // channels-last: slots {4, 8}
+    p.nch = per <= 2 ? 2 : per <= 4 ? 4 : 8;
     if (p.nch > mx || one_slot_count<scalar_t>()) p.nch = mx;
     p.chunk = C;
   } else {
@@ -796,6 +891,7 @@ Plan make_plan(int64_t C, bool cl) {
   }
   p.log2G = ilog2(p.G);
   p.np = group_pixels(int(sizeof(scalar_t)), cl, p.nch);
+  p.pk = pack_pixels(int(sizeof(scalar_t)), cl, p.nch);
   p.pb = int64_t(kThreads / p.G) * p.np;
   return p;
 }
@@ -806,8 +902,8 @@ template <typename scalar_t, typename acc_t>
 using BackwardKernel = void (*)(const acc_t*, const scalar_t*, const void*, scalar_t*, const acc_t*, acc_t*,
                                 const Args);
 
-// The instantiations: NCHW slots {2, 4, 8} up to max_slots, channels-last {4, 8}, and one wide
-// kernel per mapping (fp64: max_slots only).
+// The instantiations: slots {2, 4, 8} up to max_slots per mapping, and one wide kernel per mapping
+// (fp64: max_slots only).
 #define DICE_SELECT_KERNEL(KERNEL, plan)                                                          \
   do {                                                                                            \
     constexpr int kMaxP = max_slots<scalar_t, kLabels>(false);                                    \
@@ -822,8 +918,11 @@ using BackwardKernel = void (*)(const acc_t*, const scalar_t*, const void*, scal
                        : &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false>;                  \
     } else {                                                                                      \
       if ((plan).cl) {                                                                            \
-        return (plan).nch <= 4 ? &KERNEL<scalar_t, kLabels, acc_t, 4, true, false>                \
-                               : &KERNEL<scalar_t, kLabels, acc_t, 8, true, false>;               \
+        switch ((plan).nch) {                                                                     \
+          case 2: return &KERNEL<scalar_t, kLabels, acc_t, 2, true, false>;                       \
+          case 4: return &KERNEL<scalar_t, kLabels, acc_t, 4, true, false>;                       \
+          default: return &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, false>;                  \
+        }                                                                                         \
       }                                                                                           \
       switch ((plan).nch) {                                                                       \
         case 2: return &KERNEL<scalar_t, kLabels, acc_t, 2, false, false>;                        \
@@ -868,16 +967,22 @@ bool vector_ok(const Plan& p, const void* ptr, const Strides3& s, int64_t N, int
   if (!p.cl) {  // 128-bit runs of kVec pixels; chunk offsets c0 are multiples of kVec
     return s.m == 1 && (N == 1 || s.n % kVec == 0) && (Ct == 1 || s.c % kVec == 0) && aligned(ptr, 16);
   }
-  const int cv = p.nch < kVec ? p.nch : kVec;  // channels per vector
+  if (p.pk > 1) {  // 128-bit runs of pk dense pixels of exactly nch channels (one lane per pixel)
+    return s.c == 1 && Ct == p.nch && p.G == 1 && (M == 1 || s.m == Ct) && (N == 1 || s.n % kVec == 0) &&
+           aligned(ptr, 16);
+  }
+  const int cv = p.nch < kVec ? p.nch : kVec;  // channels per vector (kVec for every plan)
   return s.c == 1 && Ct % cv == 0 && p.chunk % cv == 0 && (M == 1 || s.m % cv == 0) &&
          (N == 1 || s.n % cv == 0) && aligned(ptr, int64_t(cv) * int64_t(sizeof(scalar_t)));
 }
 
-/// NCHW mapping: a group's labels are one aligned run of np labels.
+/// Labels come in runs of consecutive pixels (NCHW: np, channels-last: pk): one aligned vector
+/// each.
 inline bool labels_vector_ok(const Plan& p, const void* ptr, const Strides3& s, int64_t N, int64_t elem) {
-  const int64_t bytes = int64_t(p.np) * elem;
+  const int64_t run = p.cl ? p.pk : p.np;
+  const int64_t bytes = run * elem;
   const int64_t al = bytes < 16 ? bytes : 16;
-  return !p.cl && s.m == 1 && (N == 1 || (s.n * elem) % al == 0) && aligned(ptr, al);
+  return run > 1 && s.m == 1 && (N == 1 || (s.n * elem) % al == 0) && aligned(ptr, al);
 }
 
 /// Channel-contiguous (channels-last) mapping when the channels of a pixel are adjacent and the
@@ -893,14 +998,20 @@ inline int64_t programs_per_image(int64_t resident, int64_t N, int64_t steps) {
 }
 
 template <typename scalar_t, typename acc_t, typename Backend>
-void launch_pixel_norm(Backend& be, bool cl, const scalar_t* xp, acc_t* norm, int64_t N, int64_t C, int64_t M,
-                       const Strides3& xs) {
+void launch_pixel_norm(Backend& be, bool cl, bool vec, const scalar_t* xp, acc_t* norm, int64_t N, int64_t C,
+                       int64_t M, const Strides3& xs) {
+  constexpr int64_t kVec = 16 / int64_t(sizeof(scalar_t));
   const auto kernel = cl ? &pixel_norm_kernel<scalar_t, acc_t, true> : &pixel_norm_kernel<scalar_t, acc_t, false>;
-  const int64_t per_block = cl ? kWarps : kThreads;  // pixels per block and iteration
+  // blocks per image: enough for the image's pixels (a warp each, channels-last) or runs of kVec
+  // pixels (a thread each), at most the resident blocks shared among the images of grid.y
+  const int64_t per_block = cl ? kWarps : kThreads * kVec;
+  const int64_t gy = N < 1 ? 1 : N < kMaxGridY ? N : kMaxGridY;
   const int64_t resident = be.max_programs(reinterpret_cast<const void*>(kernel));
-  int64_t blocks = (N * M + per_block - 1) / per_block;
-  if (blocks > resident) blocks = resident;
-  be.launch(kernel, dim3(static_cast<unsigned>(blocks)), xp, norm, N, C, M, xs);
+  int64_t gx = (M + per_block - 1) / per_block;
+  const int64_t share = resident / gy > 1 ? resident / gy : 1;
+  if (gx > share) gx = share;
+  if (gx < 1) gx = 1;
+  be.launch(kernel, dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), xp, norm, N, C, M, xs, vec);
 }
 
 template <typename scalar_t, bool kLabels, typename Backend>
@@ -945,7 +1056,7 @@ void forward_typed(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Te
   if (plan.chunk < Ct && o.activation == kSoftmax) {
     norm = at::empty({N, M, 2}, acc_opts);
     be.track(norm);
-    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
+    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, a.x_vec, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
     a.ext_norm = true;
   }
   const acc_t* normp = norm.defined() ? norm.const_data_ptr<acc_t>() : nullptr;
@@ -1014,7 +1125,7 @@ void backward_typed(Backend& be, const at::Tensor& grad, const at::Tensor& x, co
     at::Tensor dot = at::zeros({N, M}, acc_opts);
     be.track(norm);
     be.track(dot);
-    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
+    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, a.x_vec, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
     a.ext_norm = true;
     a.dot_pass = true;
     launch_chunks(norm.const_data_ptr<acc_t>(), dot.mutable_data_ptr<acc_t>());

@@ -8,7 +8,8 @@
 //     thread that exits or waits elsewhere is a deadlock, reported), from the same source line;
 //   * shuffles must name the full warp;
 //   * every global load (__ldg, including 128-bit ones) and store (stg) must fall inside a buffer
-//     registered with emu::Memory and be aligned to its width.
+//     registered with emu::Memory and be aligned to its width; the accesses are counted per buffer
+//     and width (which path the kernels took: vector or scalar).
 // Fibers switch only at barriers and shuffles, so a missing barrier shows as stale shared memory.
 #pragma once
 
@@ -53,21 +54,31 @@ constexpr int kThreads = 256;
 struct Range {
   uintptr_t begin, end;
   std::string name;
+  uint64_t loads[17] = {}, stores[17] = {};  // accesses by width in bytes (1, 2, 4, 8, 16)
 };
 
-/// Buffers the kernels may touch.
+/// Buffers the kernels may touch, and how wide the accesses to each were.
 struct Memory {
   std::vector<Range> ranges;
   void add(const void* p, size_t bytes, const std::string& name) {
-    if (bytes) ranges.push_back({reinterpret_cast<uintptr_t>(p), reinterpret_cast<uintptr_t>(p) + bytes, name});
+    if (bytes) {
+      Range r;
+      r.begin = reinterpret_cast<uintptr_t>(p);
+      r.end = r.begin + bytes;
+      r.name = name;
+      ranges.push_back(r);
+    }
   }
-  void check(const void* p, size_t bytes, const char* what) const {
+  void check(const void* p, size_t bytes, const char* what) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     if (a % bytes != 0) {
       throw std::runtime_error(std::string("emu: misaligned ") + what + " of " + std::to_string(bytes) + " bytes");
     }
-    for (const auto& r : ranges) {
-      if (a >= r.begin && a + bytes <= r.end) return;
+    for (auto& r : ranges) {
+      if (a >= r.begin && a + bytes <= r.end) {
+        (what[0] == 's' ? r.stores : r.loads)[bytes <= 16 ? bytes : 0] += 1;
+        return;
+      }
     }
     throw std::runtime_error(std::string("emu: out-of-bounds ") + what + " of " + std::to_string(bytes) + " bytes");
   }

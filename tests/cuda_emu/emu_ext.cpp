@@ -5,6 +5,7 @@
 
 #include <torch/extension.h>
 
+#include <map>
 #include <tuple>
 #include <type_traits>
 
@@ -74,10 +75,27 @@ std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t> plan(const at::Tensor
   return out;
 }
 
+/// Global accesses of the last forward/backward to the buffer of tensor t, by width in bytes:
+/// ({bytes: loads}, {bytes: stores}).
+std::tuple<std::map<int64_t, int64_t>, std::map<int64_t, int64_t>> accesses(const at::Tensor& t) {
+  std::map<int64_t, int64_t> loads, stores;
+  const auto begin = reinterpret_cast<uintptr_t>(t.storage().data());
+  for (const auto& r : emu::memory().ranges) {
+    if (r.begin != begin) continue;
+    for (int b = 0; b <= 16; ++b) {
+      if (r.loads[b]) loads[b] += static_cast<int64_t>(r.loads[b]);
+      if (r.stores[b]) stores[b] += static_cast<int64_t>(r.stores[b]);
+    }
+    break;
+  }
+  return std::make_tuple(loads, stores);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("accesses", &accesses, "({bytes: loads}, {bytes: stores}) of the last call to the buffer of a tensor");
   m.def("plan", &plan, "(channels_last, wide, slots, lanes per pixel, channels per launch, pixels per block step)");
 }
