@@ -29,6 +29,12 @@ Conventions shared by all presets:
   ``sum |p - t| = P + T - 2 I``).  The presets check this; when it does not hold they compute that one
   sum in PyTorch (the docstrings say where).
 
+Compound losses (a Dice plus a cross-entropy or focal pixel loss: MONAI's ``DiceCELoss``,
+``DiceFocalLoss``, ``GeneralizedDiceFocalLoss``, nnU-Net's ``DC_and_CE_loss``, ``DC_and_BCE_loss``)
+are registered in :data:`COMPOUND_PRESETS`: where the original gives the Dice part and the pixel loss
+the same activation, one operator call returns both parts' sums (the pixel rows of
+:mod:`dicetorch.compound`); where it does not, each part is computed apart, still exactly.
+
 For a loss that is not here, :func:`identify` finds its choices from its values and gradients, builds
 the dicetorch loss (or the preset) that reproduces it and confirms that on fresh inputs
 (``python -m dicetorch.presets identify module:attr`` from the command line).
@@ -43,11 +49,12 @@ from __future__ import annotations
 
 from __future__ import annotations
 
-from ._registry import PRESETS, Equivalent, PresetInfo, _sort_presets
+from ._registry import COMPOUND_PRESETS, PRESETS, Equivalent, PresetInfo, _sort_presets
 from .matlab_layer import matlab
-from .monai import monai_dice, monai_generalized_dice, monai_tversky
+from .monai import (monai_dice, monai_dice_ce, monai_dice_focal, monai_generalized_dice,
+                    monai_generalized_dice_focal, monai_tversky)
 from .smp import smp_dice, smp_tversky
-from .nnunet import nnunet_soft_dice
+from .nnunet import nnunet_dc_and_bce, nnunet_dc_and_ce, nnunet_soft_dice
 from .kornia import kornia_dice
 from .keras import keras_dice, keras_generalized_dice_fixed, keras_generalized_dice_seed
 from .papers import mxnet_dice, tf_dice, vnet
@@ -62,6 +69,7 @@ __all__ = [
     "Equivalent",
     "PresetInfo",
     "PRESETS",
+    "COMPOUND_PRESETS",
     "matlab",
     "monai_dice",
     "monai_generalized_dice",
@@ -76,6 +84,11 @@ __all__ = [
     "mxnet_dice",
     "keras_generalized_dice_seed",
     "keras_generalized_dice_fixed",
+    "monai_dice_ce",
+    "monai_dice_focal",
+    "monai_generalized_dice_focal",
+    "nnunet_dc_and_ce",
+    "nnunet_dc_and_bce",
     "which_dice_markdown",
     "identify",
     "Identification",

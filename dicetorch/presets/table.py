@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._registry import PRESETS
+from ._registry import all_presets
 
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "which_dice.md"
@@ -55,7 +55,7 @@ def _property_table() -> list:
         "| preset | original | activation | denominator | smoothing | class weights | absent class | sums | loss |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, fn in PRESETS.items():
+    for name, fn in all_presets().items():
         i = fn.info
         cells = (i.original, i.activation, i.denominator, i.smoothing, i.weights, i.absent, i.sums, i.loss)
         out.append(f"| `{name}` | " + " | ".join(_cell(c) for c in cells) + " |")
@@ -87,7 +87,9 @@ def which_dice_markdown() -> str:
         "(same constructor arguments, same calling convention, same loss value and input gradient) on the",
         "fused `dicetorch.ops.dice_stats` operator; the differential tests in `tests/test_presets.py`",
         "compare them with MONAI, segmentation_models_pytorch and kornia, and with transcriptions of the",
-        "others.",
+        "others. The compound losses at the end (MONAI's `DiceCELoss`, `DiceFocalLoss`,",
+        "`GeneralizedDiceFocalLoss`, nnU-Net's Dice + CE / BCE) add a pixel loss to such a Dice; the operator",
+        "returns its per-class sums in the same pass (`tests/test_compound_presets.py`).",
         "",
         "## The table",
         "",
@@ -101,7 +103,7 @@ def which_dice_markdown() -> str:
         "| preset | call | source | dicetorch equivalent |",
         "|---|---|---|---|",
     ]
-    for name, fn in PRESETS.items():
+    for name, fn in all_presets().items():
         i = fn.info
         eq = i.equivalent.describe(name)
         out.append(f"| `{name}` | " + " | ".join(_cell(c) for c in (i.call, i.source, eq)) + " |")
