@@ -1,4 +1,5 @@
-"""Smoke tests of examples/digits_segmentation.py, volumes_3d.py and compile_amp.py at tiny sizes.
+"""Smoke tests of examples/digits_segmentation.py, volumes_3d.py, compile_amp.py and compare_losses.py at
+tiny sizes.
 
 Each example's ``main(argv)`` runs end to end (data, training, evaluation, figures) in a few seconds;
 the tests check the figures are real PNGs and the metrics are finite and in range.  How well the
@@ -112,4 +113,20 @@ def test_compile_amp_eager(tmp_path):
     # ratio ~1e-6 at worst; 1e-5 leaves room and is still far below bf16's 4e-3 resolution.
     assert out["max_err_op"] < 1e-5
     _assert_scores(out["dice"], 2)
+    _assert_png(out["figure"])
+
+
+def test_compare_losses(tmp_path):
+    # --quick: 6 steps per loss on 48 digits, a width-4 network; the curve and the table are what is checked
+    ex = _load("compare_losses")
+    out = ex.main(["--quick", "--threads", "1", "--seed", "0", "--no-progress", "--out", str(tmp_path)])
+    assert list(out["results"]) == ["dice", "gdl", "dice_ce", "dice_focal"]
+    for name, r in out["results"].items():
+        assert r["steps"][0] == 0 and r["steps"][-1] == 6 and len(r["dice"]) == len(r["steps"])
+        _assert_scores(r["dice"], len(r["steps"]))
+        assert r["final"] == r["dice"][-1] and math.isfinite(r["final_loss"]) and r["final_loss"] >= 0.0
+        row = next(line for line in out["table"].splitlines() if line.startswith(f"| {name} |"))
+        final = float(row.split("|")[3])
+        assert math.isfinite(final) and 0.0 <= final <= 1.0 and abs(final - r["final"]) < 1e-3, row
+    assert Path(out["figure"]) == tmp_path / "compare_losses.png"
     _assert_png(out["figure"])
