@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tile import _pixel_term, _sigmoid_pixel_dz, _softmax_pixel_h
+from ._tile import _pixel_term, _sigmoid_pixel_dz, _softmax_pixel_h, _t_times
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers (inlined into the kernels)
@@ -233,7 +233,7 @@ def _dice_fwd_kernel(
             acc_t += t * t
         if PIXEL != 0:
             e = _pixel_term(x, aux, p, t, w, gamma, ACTIVATION, PIXEL, GAMMA, LABELS)
-            acc_x += t * e
+            acc_x += _t_times(t, e)
             acc_l += e
     rows = 3 if PIXEL == 0 else 5
     part_base = part_ptr + (n * programs_per_image + j).to(tl.int64) * rows * C

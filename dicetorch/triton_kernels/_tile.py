@@ -336,6 +336,19 @@ def _sigmoid_of_signed(x, t, p, LABELS: tl.constexpr):
 
 
 @triton.jit
+def _bce(x, aux, t):
+    """softplus(x) - t x; t x is 0 where t == 0 (x = -inf: the term is 0, not NaN)."""
+    return _softplus_parts(x, aux) - tl.where(t == 0, 0.0, t * x)
+
+
+@triton.jit
+def _t_times(t, e):
+    """t * e, except 0 where t == 0 and e == +inf: a channel masked with -inf logits has e = -log 0 =
+    +inf, and the pixels that are not of its class add 0 (t log p -> 0), not 0 * inf = NaN."""
+    return tl.where((t == 0) & (e == float("inf")), 0.0, t * e)
+
+
+@triton.jit
 def _pixel_term(x, aux, p, t, keep, gamma, ACTIVATION: tl.constexpr, PIXEL: tl.constexpr,
                 GAMMA: tl.constexpr, LABELS: tl.constexpr):
     """The element term e of the pixel loss (see dicetorch.reference), 0 where keep is false."""
@@ -344,7 +357,7 @@ def _pixel_term(x, aux, p, t, keep, gamma, ACTIVATION: tl.constexpr, PIXEL: tl.c
         if PIXEL == 2:
             e = _pow(1.0 - p, gamma, GAMMA) * e
     else:
-        e = _softplus_parts(x, aux) - t * x  # binary cross-entropy with logits
+        e = _bce(x, aux, t)  # binary cross-entropy with logits
         if PIXEL == 2:
             e = _pow(_sigmoid_of_signed(x, t, p, LABELS), gamma, GAMMA) * e
     return tl.where(keep, e, 0.0)
@@ -361,8 +374,10 @@ def _softmax_pixel_h(aux, p, keep, w, gamma, PIXEL: tl.constexpr, GAMMA: tl.cons
     else:
         logp = tl.where(keep, aux, 0.0)
         q = 1.0 - p
-        # gamma p (1-p)^(gamma-1) log p -> 0 as p -> 1 (also for gamma < 1)
-        slope = tl.where(q > 0, gamma * p * logp * _pow(q, gamma, GAMMA) / tl.where(q > 0, q, 1.0), 0.0)
+        # gamma p (1-p)^(gamma-1) log p -> 0 as p -> 1 (also for gamma < 1), and p log p -> 0 as
+        # p -> 0 (a channel masked with -inf)
+        plogp = tl.where(logp == float("-inf"), 0.0, p * logp)
+        slope = tl.where(q > 0, gamma * plogp * _pow(q, gamma, GAMMA) / tl.where(q > 0, q, 1.0), 0.0)
         h = w * (slope - _pow(q, gamma, GAMMA))
     return tl.where(keep, h, 0.0)
 
@@ -374,7 +389,7 @@ def _sigmoid_pixel_dz(x, aux, p, t, w, gamma, PIXEL: tl.constexpr, GAMMA: tl.con
         dz = w * (p - t)
     else:
         s_neg = _sigmoid_of_signed(x, t, p, LABELS)  # sigmoid(-z (2t - 1))
-        b = _softplus_parts(x, aux) - t * x
+        b = _bce(x, aux, t)
         dz = w * _pow(s_neg, gamma, GAMMA) * ((p - t) - gamma * b * (2.0 * t - 1.0) * (1.0 - s_neg))
     return dz
 
@@ -467,7 +482,7 @@ def _tile_fwd_kernel(
             acc_t += _fold(t * t, BLOCK_M, PX, BLOCK_C)
         if PIXEL != 0:
             e = _pixel_term(z, aux, p, t, keep, gamma, ACTIVATION, PIXEL, GAMMA, LABELS)
-            acc_x += _fold(t * e, BLOCK_M, PX, BLOCK_C)
+            acc_x += _fold(_t_times(t, e), BLOCK_M, PX, BLOCK_C)
             acc_l += _fold(e, BLOCK_M, PX, BLOCK_C)
         if PREFETCH:
             tgt = tgt_next
