@@ -2,8 +2,7 @@
 rows X = sum_m t e and L = sum_m e of compound Dice + CE / focal losses) against the reference.
 
 Every kernel backend listed in PIXEL_KERNELS is compared with the reference: "cpu" in this process;
-"triton" (once its module declares ``PIXEL_LOSSES``: add it to PIXEL_KERNELS) in a Triton-interpreter
-subprocess, through tests/conftest.py ``backends_under_test`` / ``interpreter_suite``.
+"triton" in a Triton-interpreter subprocess, through tests/conftest.py ``backends_under_test`` / ``interpreter_suite``.
 
 The oracle is the reference evaluated in float64 on the same input values (``x.double()``), so each
 comparison measures the kernel's own error, not the sum of two fp32 computations' errors.
@@ -33,8 +32,8 @@ import torch
 from conftest import INTERPRETED, backends_under_test, interpreter_suite
 from dicetorch import ops, reference
 
-# Kernel backends that compute the pixel rows in their fused pass (add "triton" / "cuda" when they do).
-PIXEL_KERNELS = ["cpu"]
+# Kernel backends that compute the pixel rows in their fused pass (add "cuda" when it does).
+PIXEL_KERNELS = ["cpu", "triton"]
 
 BACKENDS = [b for b in backends_under_test() if b in PIXEL_KERNELS]
 pytestmark = pytest.mark.skipif(
@@ -51,13 +50,12 @@ def test_interpreter_suite():
 
 @pytest.mark.skipif(INTERPRETED, reason="backend independent")
 def test_pixel_kernels_list_is_complete():
-    """Every available compiled-extension backend that claims the pixel rows is tested here, and vice
-    versa.  ("triton" is left out until its interpreted run is added to PIXEL_KERNELS.)"""
+    """Every available kernel backend that claims the pixel rows is tested here, and vice versa
+    (Triton always, in the interpreter run)."""
     for device in ("cpu", "cuda"):
-        for b in ops.available_backends(device):
-            if b not in ("reference", "triton"):
-                for pixel_loss in ("ce", "focal"):
-                    assert ops.supports_pixel_loss(b, pixel_loss) == (b in PIXEL_KERNELS), (b, pixel_loss)
+        for b in {*ops.available_backends(device), "triton"} - {"reference"}:
+            for pixel_loss in ("ce", "focal"):
+                assert ops.supports_pixel_loss(b, pixel_loss) == (b in PIXEL_KERNELS), (b, pixel_loss)
 
 
 ROUNDING = {torch.float32: 2.0**-20, torch.float64: 1e-13, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -336,8 +334,11 @@ def test_nan_input_propagates(backend, activation, kind, pixel_loss):
 def test_gradcheck_float64(backend, activation, pixel_loss, gamma, kind, ignore_index, power):
     x, t = make(2, 3, (3, 4), kind, torch.float64, ignore_index, scale=1.5)
     x.requires_grad_()
+    # Triton runs interpreted: the fast mode (random projections of the Jacobian, a few evaluations
+    # instead of one per input element) keeps this to seconds
     assert torch.autograd.gradcheck(
-        lambda a: ops.dice_stats(a, t, activation, power, ignore_index, backend, pixel_loss, gamma), (x,))
+        lambda a: ops.dice_stats(a, t, activation, power, ignore_index, backend, pixel_loss, gamma), (x,),
+        fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
