@@ -229,6 +229,15 @@ def derived(med, mem) -> list:
     ]
 
 
+def _ratio(v: float, bound: float, ok: bool, percent: bool) -> str:
+    """``v`` rounded, with more digits where rounding would show a missed target as met (3.997 is not 4.00)."""
+    for digits in range(2, 6):
+        text = f"{v:+.{digits - 2}%}" if percent else f"{v:.{digits}f}"
+        if ok or float(text.rstrip("%")) / (100 if percent else 1) != bound:
+            return text
+    return text
+
+
 def _bound(op: str, bound: float, percent: bool) -> str:
     return f"{'≥' if op == '>=' else '≤'} {f'{bound:.0%}' if percent else f'{bound:g}×'}"
 
@@ -264,7 +273,7 @@ def print_table(rows, reps):
                 continue
             ok = v >= bound if op == ">=" else v <= bound
             met[i].append(ok)
-            text = f"{v:+.0%}" if i == 1 else f"{v:.2f}"
+            text = _ratio(v, bound, ok, percent=i == 1)
             cells.append(f"{text}{'' if ok else ' ✗'}")
         unfused = f"{med['dice+ce'] / med['dicece-cpu']:.2f}"
         print(f"| {_shape(n, c, spatial)} | {t} | {cells[0]} | {cells[1]} | {unfused} | {cells[2]} | {cells[3]} |")
