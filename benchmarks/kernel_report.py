@@ -458,8 +458,9 @@ def attach_rules(rows):
     def key(r):
         # a C-generic CUDA instantiation serves its own range of C: it is its direction's only kernel
         own = r["tile"] if r["backend"] == "cuda" and r["C"] == "any" else ""
+        # a compound loss's kernels (pixel rows) are another input than the Dice-only ones
         return (r["backend"], r["arch"], r["dtype"], r["C"], r["layout"], r["act"], r["q"], r["target"],
-                r["ignore"], r["int64"], r["direction"], own)
+                r["ignore"], r["int64"], r["direction"], own, r.get("pixel", "none"), r.get("gamma"))
 
     for r in rows:
         if r.get("ok") and r.get("exps_per_elem") is not None:
