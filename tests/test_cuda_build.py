@@ -177,3 +177,16 @@ def test_default_archs_the_build_left_out_compile_without_spills(arch):
         f"sm_{arch} {r['kernel']} {r['dtype']} target {r['target']}: {r['spill']} B" for r in unknown)
     for why in sorted({KNOWN_SPILLS[r["kernel"], arch] for r in spills}):
         warnings.warn(f"known spill, tolerated until the kernels change: {why}")
+
+
+def test_report_rules_hold_on_sm80_sm90():
+    """`benchmarks/kernel_report.py --backends cuda --arch 80 90 --check`: DESIGN.md section 4's rules
+    (no spills, no barriers for C <= 8, 128-bit access, one exp per element, occupancy) on the PTX
+    and cubins of every kernel instantiation."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "kernel_report.py"), "--backends", "cuda",
+           "--arch", "80", "90", "--check", "--workers", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    print(proc.stdout[-20000:])
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-3000:]
+    assert "PASS" in proc.stdout and "FAIL" not in proc.stdout

@@ -85,6 +85,11 @@ def test_every_specialization_lowers_without_spills(tmp_path):
         assert {r["target"] for r in sel} == {"int64", "int32", "uint8", "float"}
         assert {r["kernel"] for r in sel} >= set(kr.TRITON_MAIN["fwd"]) | set(kr.TRITON_MAIN["bwd"])
 
+    # what `kernel_report.py --check` enforces: DESIGN.md section 4's rules on the specializations the
+    # launch heuristic tells apart, on sm_80 and sm_90
+    broken = [r for r in rows if r["arch"] in FULL_ARCHS and r.get("group") == "rules" and r["fails"]]
+    assert not broken, "rules broken:\n" + "\n".join(_row(r) + f" {r['fails']}" for r in broken)
+
     spills = [r for r in rows if r["spill"]]
     unknown = [r for r in spills if r["arch"] in FULL_ARCHS or (r["kernel"], r["arch"]) not in KNOWN_SPILLS]
     assert not unknown, "kernels that spill:\n" + "\n".join(map(_row, unknown))
