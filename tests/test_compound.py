@@ -226,3 +226,21 @@ def test_gradcheck_and_double_backward():
         xr = x.detach().clone().requires_grad_()
         assert torch.autograd.gradcheck(fn, (xr,))
         assert torch.autograd.gradgradcheck(fn, (xr,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("module", [
+    lambda b: dt.DiceCELoss(ignore_index=1, ce_weight=[1.0, 2.0, 0.5, 1.0], label_smoothing=0.1, backend=b),
+    lambda b: dt.DiceFocalLoss(activation="sigmoid", gamma=1.5, alpha=0.25, backend=b),
+    lambda b: dt.GeneralizedDiceFocalLoss(gamma=2.0, backend=b),
+], ids=["dice_ce", "dice_focal_sigmoid", "generalized_dice_focal"])
+def test_compile_fullgraph(backend, module):
+    """torch.compile(fullgraph=True) traces the extended operator (5 rows) through its fake kernel;
+    aot_eager runs the same kernels, so loss and gradient equal eager's to float32 rounding of the
+    epilogue."""
+    x, t = _case(5, dtype=torch.float32, ignore=1)
+    loss_fn = module(backend)
+    le, ge = _grads(lambda z: loss_fn(z, t), x)
+    lc, gc = _grads(lambda z: torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(z, t), x)
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-8)
