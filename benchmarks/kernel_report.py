@@ -13,7 +13,10 @@ softmax, q = 2, int64 labels with ignore_index, the heaviest options); ``cover``
 
 CUDA.  ``csrc/cuda/dice_cuda.cu`` is compiled by nvcc (device code only, setup.py's nvcc flags and
 torch's extension flags) to PTX and a cubin per architecture; every template instantiation the
-launchers make is a row (C and layout are run-time arguments there: "any").
+launchers make is a row (C and layout are run-time arguments there: "any").  The main kernels come in
+three kinds (template argument ``kind``, options column): the Dice rows of the soft activations, the
+compound losses' kernels with the pixel-loss rows ("pixel"), and the hard activations ("hard",
+forward only, no exp at all).
 
 Per kernel (see ``benchmarks/ptx_stats.py`` for how each figure is read):
 
@@ -33,7 +36,10 @@ Per kernel (see ``benchmarks/ptx_stats.py`` for how each figure is read):
 C <= 8: no barrier in the forward's tile loop nor anywhere in the backward; 128-bit logits and
 gradient access for contiguous input, and for channels-last input whose pixels make whole 16-byte
 groups; C <= 16 (not fp64): one exp per element and direction (a Triton register tile pads C to a
-power of two: padding channels cost an exp, never a load), occupancy >= 50 % -- or, for a kernel
+power of two: padding channels cost an exp, never a load) -- for the CUDA pixel-loss kernels, whose
+activation and loss are run-time arguments, at most the activation's exp, the focal power's for a gamma
+that is not whole or half-whole, and (float targets) the soft-target sigmoid focal loss's second
+exp along the heaviest path --, occupancy >= 50 % -- or, for a kernel
 that registers limit below it, at least MIN_IN_FLIGHT bytes of loads in flight per SM (resident
 threads x bytes of logits and labels loaded per tile iteration: latency is hidden by independent
 loads per thread instead of by warps); persistent grids without a partial extra wave (their size comes from
@@ -91,17 +97,25 @@ def triton_entry_points(tk, x, t, grad, spec):
 
 CUDA_SOURCE = "csrc/cuda/dice_cuda.cu"
 CUDA_KERNELS = {  # __global__ name -> (direction, {pointer parameter position: role}, template argument names)
-    "forward_partial_kernel": ("fwd", {0: "logits", 1: "target"}, ("dtype", "labels", "acc", "slots", "cl", "wide")),
+    "forward_partial_kernel": ("fwd", {0: "logits", 1: "target"},
+                               ("dtype", "labels", "acc", "slots", "cl", "wide", "kind")),
     "reduce_partial_kernel": ("fwd", {}, ("acc",)),
     "pixel_norm_kernel": ("fwd", {0: "logits"}, ("dtype", "acc", "cl")),
-    "backward_kernel": ("bwd", {1: "logits", 2: "target", 3: "grad"}, ("dtype", "labels", "acc", "slots", "cl", "wide")),
+    "argmax_kernel": ("fwd", {0: "logits"}, ("dtype", "acc", "cl")),
+    "backward_kernel": ("bwd", {1: "logits", 2: "target", 3: "grad"},
+                        ("dtype", "labels", "acc", "slots", "cl", "wide", "kind")),
 }
+# The "kind" template argument of the main kernels (dice_kernels.cuh kKind*): the Dice rows of the
+# soft activations, + the pixel-loss rows of the compound losses, or the hard activations.  Their
+# rows' "act": any (softmax / sigmoid / none at run time), "pixel" (ce / focal with softmax / sigmoid)
+# and "hard" (argmax / threshold: no exp at all).
+CUDA_KIND_ACT = {"0": "any", "1": "pixel", "2": "hard"}
 # "cl" (true: channels-last) sets the layout; "wide" kernels (a pixel's channel group spans warps,
 # reductions through shared memory) serve C > 256 only, so the small-C rules do not apply to them;
 # nor to CUDA_WIDE_ONLY kernels.  The label dtype is a run-time argument ("labels" false: float
 # target).  The CUDA kernels pick 128-bit or scalar accesses at run time (alignment, tails), so
 # their rows report the widest logits load and gradient store: the aligned path.
-CUDA_WIDE_ONLY = {"pixel_norm_kernel"}
+CUDA_WIDE_ONLY = {"pixel_norm_kernel", "argmax_kernel"}
 
 # ==============================================================================================
 DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp64": 64}
@@ -363,10 +377,12 @@ def compile_cuda(arch: int, dump_dir=None) -> list:
         r = res.get(mangled, dict(regs=0, stack=0, local=0, shared_static=0))
         threads = ps.threads_per_block(entries[mangled]) or 256
         row = dict(backend="cuda", kernel=base, direction=direction, arch=arch, dtype=dtype, C=C,
-                   layout={"true": "cl", "false": "contig"}.get(targs.get("cl"), "any"), act="any", q="any",
+                   layout={"true": "cl", "false": "contig"}.get(targs.get("cl"), "any"),
+                   act="hard" if base == "argmax_kernel" else CUDA_KIND_ACT.get(targs.get("kind", "0"), "any"), q="any",
                    target=target if roles else "-",
                    ignore=None, int64=True, group="rules" if target in ("labels", "-") else "cover",
-                   tile=",".join(f"{k}={v}" for k, v in targs.items() if k not in ("dtype", "target", "labels", "acc")),
+                   tile=",".join(f"{k}={v}" for k, v in targs.items()
+                                 if k not in ("dtype", "target", "labels", "acc", "kind")),
                    num_warps=threads // 32, threads=threads, ok=True, regs=r["regs"], spill=r["stack"] + r["local"],
                    smem=r["shared_static"], grid=None, nvcc_seconds=round(seconds, 1),
                    **ps.occupancy(arch, r["regs"], r["shared_static"], threads),
@@ -439,6 +455,16 @@ def rules(row, direction_exps=None) -> list:
         if row["passes"] > 1:
             detail += f", logits read in {row['passes']} loops"
         out.append(("one exp per element", ok, detail))
+    if row["act"] == "pixel" and _small(row, SMALL_C) and row["dtype"] != "fp64":
+        # the compound losses' kernels (CUDA kind 1, softmax and sigmoid at run time): the
+        # activation's exp, plus exp(gamma log q) of the focal power for a gamma that is not whole or
+        # half-whole, plus (float targets) the second exp of the sigmoid focal loss with a soft
+        # target (dice_math.h): the heaviest path through the loop
+        e = direction_exps if direction_exps is not None else row["exps_per_elem"]
+        allowed = 2 + (row["target"] == "float")
+        ok = e is not None and row["passes"] == 1 and e <= allowed + 1e-9
+        detail = f"{e:.2f} exp/element (at most {allowed})" if e is not None else "no ex2"
+        out.append(("pixel-loss exps per element", ok, detail))
     if _small(row, SMALL_C) and row["dtype"] != "fp64":
         inflight = _bytes_in_flight(row)
         ok = row["occupancy"] >= MIN_OCCUPANCY - 1e-9 or (row["limiter"] == "registers" and inflight >= MIN_IN_FLIGHT)
@@ -486,7 +512,7 @@ def _cells(r) -> list:
     opts = "" if r["backend"] == "cuda" else f"{r['act'][:4]} q{r['q']} {r['target']}{'+ign' if r['ignore'] else ''}" \
         f"{' i64' if r['int64'] else ''}"
     if r["backend"] == "cuda":
-        opts = f"target {r['target']}"
+        opts = f"target {r['target']}" + ("" if r.get("act") in ("any", None) else f" {r['act']}")
     if not r.get("ok"):
         return [r["backend"], r["kernel"], f"sm_{r['arch']}", r.get("dtype", ""), str(r.get("C", "")),
                 r.get("layout", ""), opts, "", "", "", "", "", "", "", "", "", "", "",

@@ -51,6 +51,26 @@
 // kernel runs once per chunk of channels with that normaliser (a second exp per element); the
 // backward adds one chunked pass that accumulates sum_j p_j g_j per pixel in chunk order.
 //
+// Compound losses (pixel_loss "ce" / "focal", stats (N, 5, C)): kernels of their own kind (template
+// kKind, dice_kernels.cuh), so the Dice-only kernels are untouched.  The same tiles and the same
+// exps: softmax keeps d = z - max next to e = exp(d) and reduces, besides max and sum, s - 1 without
+// the maximum's 1 (sm1) over the group, so -log p = log1p(sm1) - d takes one log per pixel and keeps
+// its digits when p rounds to 1; sigmoid gets softplus(z) from the e = exp(-z) of its p.  The element
+// terms and gradients are dice_math.h's (the CPU kernel's formulas): each slot adds two more
+// accumulators (X = sum t e, L = sum e), reduced in the same fixed order as I, P, T; the backward
+// reads the 5 grad rows and adds the pixel loss's gradient with w = gX t + gL (softmax: its h_k joins
+// sum_j p_j g_j in the one group reduction).  The focal power takes products / a sqrt for whole and
+// half-whole gamma and pow otherwise; a soft (non-0/1) target of the sigmoid focal loss takes one more
+// exp per element.  Tiles of at most 16 values (NCHW 2 slots, channels-last 4; fp64 4), so the
+// extra registers do not spill under the Dice kernels' budget (channels-last fp16/bf16 with C > 4
+// therefore moves 64-bit vectors of 4 channels, not 128-bit ones).  With
+// huge C the normaliser pass gives 1/s only, so sm1 = 1/(1/s) - 1 there (a rounded 1 - p on
+// confident pixels; the chunked backward accumulates sum_j (p_j g_j + h_j) chunk by chunk).
+// Hard activations (argmax / threshold, forward only): kernels of a third kind.  threshold is x > 0
+// per element; argmax is two group reductions (the NaN-propagating maximum, then the lowest channel
+// that holds it: torch.argmax's ties and NaN), and with huge C argmax_kernel first finds each
+// pixel's channel over all channels (the layout of pixel_norm_kernel).
+//
 // Semantics: NaN in -> NaN out (a NaN logit makes its pixel's sum NaN); leading -inf channels are
 // finite (max is taken first, so -inf - -inf only happens when every channel is -inf, which is NaN
 // in torch.softmax too); ignored pixels are selected away (exactly 0 in every sum and gradient);

@@ -81,6 +81,27 @@ template <typename scalar_t, bool kLabels>
 constexpr int wide_slots(bool cl) {
   return cl || max_slots<scalar_t, kLabels>(cl) < 4 ? max_slots<scalar_t, kLabels>(cl) : 4;
 }
+// Kernel kinds (template parameter kKind of the main kernels):
+//   kKindDice   the Dice rows I, P, T of activation softmax / sigmoid / none (run-time);
+//   kKindPixel  + the pixel-loss rows X, L of pixel_loss ce / focal (softmax / sigmoid, run-time):
+//               two more accumulators a slot (forward), two more gradient rows and the activation's
+//               exps kept next to the logits (softmax: d = z - max and e = exp(d)), and the element
+//               math of both losses: so that nothing spills under the same register budget, the
+//               tiles hold at most 16 values (NCHW: 2 slots; channels-last: 4 slots, 4 pixels;
+//               fp64: 4 slots of 2 pixels, one block per SM as for its Dice kernels);
+//   kKindHard   the hard activations argmax / threshold (forward only).
+// The Dice kinds' code is not touched by the others: every kind is its own instantiation.
+constexpr int kKindDice = 0, kKindPixel = 1, kKindHard = 2;
+constexpr int kind_slots(int kind, int slots, bool cl, int elem_bytes) {
+  return kind != kKindPixel || elem_bytes == 8 ? slots : cl ? 4 : 2;
+}
+/// Fewest slots of a kind: channels-last pixel-loss tiles keep 4 (2 slots would mean 8 pixels a
+/// lane, and 8 sets of per-pixel normaliser values next to the tile).
+constexpr int kind_min_slots(int kind, bool cl) { return kind == kKindPixel && cl ? 4 : 2; }
+constexpr int kind_rows(int kind) { return kind == kKindPixel ? 5 : 3; }
+inline int kind_of(const DiceOptions& o) {
+  return o.pixel_loss != kPixelNone ? kKindPixel : is_hard_activation(o.activation) ? kKindHard : kKindDice;
+}
 template <typename scalar_t>
 constexpr bool one_slot_count() {
   return sizeof(scalar_t) == 8;
@@ -107,6 +128,9 @@ struct Args {
   bool ext_norm;     // softmax normaliser per pixel from norm[] (huge C, chunked launches)
   bool ext_dot;      // backward: sum_j p_j g_j per pixel from dot[] (huge C, write pass)
   bool dot_pass;     // backward: add this chunk's sum_j p_j g_j into dot[], write nothing
+  int rows;          // rows of stats / grad: 3, or 5 with a pixel loss (kKindPixel)
+  int pixel_loss;    // kKindPixel: kPixelCE or kPixelFocal
+  FocalGamma fg;     // kKindPixel, focal: the exponent gamma and how to raise to it
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -531,6 +555,175 @@ __device__ __forceinline__ void activate(const TileT& tl, acc_t (&v)[NCH][NP], i
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Hard activations (kKindHard, forward only): p = 0/1
+// ------------------------------------------------------------------------------------------------
+/// max that propagates NaN (torch.argmax: a NaN is the largest value)
+struct NanMaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return argmax_takes(b, a) ? b : a; }
+};
+struct MinOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return b < a ? b : a; }
+};
+
+/// Whether candidate (v2, channel i2) of the running argmax replaces (v1, i1), the two from disjoint
+/// channel sets: torch.argmax's winner of the union (argmax_takes, and the lower channel among equal
+/// values or two NaNs).  An empty candidate is (-inf, +inf): any real channel replaces it.
+template <typename T>
+__device__ __forceinline__ bool argmax_merge_takes(T v2, T i2, T v1, T i1) {
+  return argmax_takes(v2, v1) || ((v2 == v1 || (v2 != v2 && v1 != v1)) && i2 < i1);
+}
+
+/// In place: x -> p = 0/1 of a hard activation.  threshold: x > 0 per element (NaN: 0).  argmax:
+/// the group's maximum (NaN-propagating), then the lowest channel holding it (or the first NaN),
+/// two group reductions; with a.ext_norm (chunked launches) the pixel's channel from
+/// norm[2 (n M + m)] (argmax_kernel, over all channels).
+template <bool kWide, typename acc_t, typename TileT, int NCH, int NP>
+__device__ __forceinline__ void activate_hard(const TileT& tl, acc_t (&v)[NCH][NP], int64_t step, int64_t n,
+                                              const Args& a, const acc_t* __restrict__ norm, acc_t (*red_a)[NP],
+                                              acc_t (*red_b)[NP]) {
+  if (a.activation == kThreshold) {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[c][j] = v[c][j] > acc_t(0) ? acc_t(1) : acc_t(0);
+    }
+    return;
+  }
+  acc_t idx[NP];  // the winning channel, relative to this launch's first channel
+  bool ext = false;
+  if constexpr (kWide) ext = a.ext_norm;
+  if (ext) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t m = tl.pixel(step, j);
+      idx[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2) - static_cast<acc_t>(a.c0) : acc_t(-1);
+    }
+  } else {
+    acc_t best[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) best[j] = -static_cast<acc_t>(INFINITY);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      if (tl.channel(c) < a.C) {
+#pragma unroll
+        for (int j = 0; j < NP; ++j) best[j] = NanMaxOp()(best[j], v[c][j]);
+      }
+    }
+    group_reduce<kWide>(best, tl.G, red_a, NanMaxOp());
+#pragma unroll
+    for (int j = 0; j < NP; ++j) idx[j] = static_cast<acc_t>(INFINITY);
+    // slots in decreasing channel order: the lowest matching channel of the lane is kept
+#pragma unroll
+    for (int c = NCH - 1; c >= 0; --c) {
+      const int k = tl.channel(c);
+      if (k < a.C) {
+#pragma unroll
+        for (int j = 0; j < NP; ++j) {
+          const acc_t x = v[c][j];
+          const bool hit = x == best[j] || (x != x && best[j] != best[j]);
+          idx[j] = hit && static_cast<acc_t>(k) < idx[j] ? static_cast<acc_t>(k) : idx[j];
+        }
+      }
+    }
+    group_reduce<kWide>(idx, tl.G, red_b, MinOp());
+  }
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    const acc_t k = static_cast<acc_t>(tl.channel(c));
+#pragma unroll
+    for (int j = 0; j < NP; ++j) v[c][j] = k == idx[j] ? acc_t(1) : acc_t(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pixel losses (kKindPixel): the rows X = sum t e and L = sum e, and their gradient, from the
+// activation's own exps with dice_math.h's element math (the CPU kernel's formulas)
+// ------------------------------------------------------------------------------------------------
+/// Softmax of the tile for the pixel losses: z (in v) -> d = z - max (in v) and e = exp(d) (in ev),
+/// one exp per element; per pixel inv = 1/s (s summed as activate() sums it, so p = e inv is the
+/// Dice kind's p) and, with need_sm1, sm1 = s - 1 summed without the maximum's 1 (dice_math.h:
+/// log s = log1p(sm1) and 1 - p keep their digits when p rounds to 1).  Reductions alternate red_a
+/// and red_b.  With a.ext_norm (chunked launches) max and 1/s come from norm[] and sm1 = 1/inv - 1
+/// (the pixel's sum over all channels is only known rounded there).
+template <bool kWide, typename acc_t, typename TileT, int NCH, int NP>
+__device__ __forceinline__ void softmax_pixel(const TileT& tl, acc_t (&v)[NCH][NP], acc_t (&ev)[NCH][NP],
+                                              int64_t step, int64_t n, const Args& a, const acc_t* __restrict__ norm,
+                                              bool need_sm1, acc_t (*red_a)[NP], acc_t (*red_b)[NP],
+                                              acc_t (&inv)[NP], acc_t (&sm1)[NP]) {
+  acc_t mx[NP];
+  bool ext = false;
+  if constexpr (kWide) ext = a.ext_norm;
+  if (ext) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t m = tl.pixel(step, j);
+      mx[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2) : acc_t(0);
+      inv[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2 + 1) : acc_t(0);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) mx[j] = -static_cast<acc_t>(INFINITY);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      if (tl.channel(c) < a.C) {
+#pragma unroll
+        for (int j = 0; j < NP; ++j) mx[j] = dmax(mx[j], v[c][j]);
+      }
+    }
+    group_reduce<kWide>(mx, tl.G, red_a, MaxOp());
+  }
+  acc_t s[NP], below[NP], maxima[NP];
+#pragma unroll
+  for (int j = 0; j < NP; ++j) s[j] = below[j] = maxima[j] = 0;
+#pragma unroll
+  for (int c = 0; c < NCH; ++c) {
+    const bool ok = tl.channel(c) < a.C;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const acc_t d = v[c][j] - mx[j];
+      const acc_t e = ok ? dexp(d) : acc_t(0);
+      v[c][j] = d;
+      ev[c][j] = e;
+      s[j] += e;
+      const bool is_max = ok && d == acc_t(0);  // e = exp(0) = 1 exactly there
+      below[j] += is_max ? acc_t(0) : e;
+      maxima[j] += is_max ? acc_t(1) : acc_t(0);
+    }
+  }
+  if (ext) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) sm1[j] = acc_t(1) / inv[j] - acc_t(1);
+    return;
+  }
+  group_reduce<kWide>(s, tl.G, red_b, SumOp());
+#pragma unroll
+  for (int j = 0; j < NP; ++j) inv[j] = acc_t(1) / s[j];
+  if (need_sm1) {
+    group_reduce<kWide>(below, tl.G, red_a, SumOp());
+    group_reduce<kWide>(maxima, tl.G, red_b, SumOp());
+#pragma unroll
+    for (int j = 0; j < NP; ++j) sm1[j] = below[j] + (maxima[j] - acc_t(1));
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) sm1[j] = 0;
+  }
+}
+
+/// Sigmoid focal factors a, c (dice_math.h) of one element: 0/1 targets from p and 1 - p, soft
+/// targets with one more exp.
+template <bool kLabels, typename acc_t>
+__device__ __forceinline__ void sigmoid_focal_factors(acc_t z, acc_t t, acc_t p, acc_t pm, acc_t& fa, acc_t& fc) {
+  using M = ScalarMath<acc_t>;
+  if (kLabels || t == acc_t(0) || t == acc_t(1)) {
+    sigmoid_focal_binary<M>(t == acc_t(1), p, pm, fa, fc);
+  } else {
+    sigmoid_focal_soft<M>(z, t, fa, fc);
+  }
+}
+
 // Resident blocks per SM that the register allocation must allow (__launch_bounds__): 2 (1 for
 // fp64); 3 for the channels-last kernels with 8 slots and labels (forward: 16 values and 24
 // accumulators a thread): 80 registers and 37.5 % occupancy instead of 92 (forward, sm_80/90) or
@@ -549,13 +742,14 @@ constexpr int min_blocks() {
 // registers, then reduces them over the block in a fixed order (xor shuffles, then warps in order)
 // and writes partial[n, which, c0 + k, blockIdx.x].  reduce_partial_kernel adds the programs' columns
 // in order: deterministic, no atomics.
-template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide>
+template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide, int kKind>
 __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL, kWide>())
     forward_partial_kernel(const scalar_t* __restrict__ x, const void* __restrict__ t, acc_t* __restrict__ partial,
                            const acc_t* __restrict__ norm, const Args a) {
   using TileT = Tile<scalar_t, kCL, NCH>;
   constexpr int NP = TileT::NP;
   constexpr int kRed = kWide ? kWarps : 1;
+  constexpr int kRows = kind_rows(kKind);
   __shared__ acc_t red_max[kRed][NP];
   __shared__ acc_t red_sum[kRed][NP];
   __shared__ acc_t fin[kThreads];
@@ -565,9 +759,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
   for (int64_t n = blockIdx.y; n < a.N; n += gridDim.y) {
     const scalar_t* xn = x + n * a.xs.n;
     const scalar_t* tn = kLabels ? nullptr : static_cast<const scalar_t*>(t) + n * a.ts.n;  // float target
-    acc_t acc[3][NCH];
+    acc_t acc[kRows][NCH];
 #pragma unroll
-    for (int c = 0; c < NCH; ++c) acc[0][c] = acc[1][c] = acc[2][c] = 0;
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) acc[r][c] = 0;
+    }
 
     for (int64_t step = blockIdx.x; step < a.steps; step += nprog) {
       // targets first, then logits: all loads of the step are issued before any math
@@ -580,27 +777,100 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
         load_tile<scalar_t, acc_t, kCL, NCH>(tl, tn, a.ts, step, a.C, a.M,
                                              a.t_vec, tv);
       }
-      activate<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
-      // ignored pixels (and pixels past M) are selected away: they add exactly 0 everywhere
+      // the Dice rows of one element (p and t of a counted pixel, else 0)
+      const auto dice = [&](int c, int j, acc_t p, acc_t tk) {
+        acc[0][c] += p * tk;
+        acc[1][c] += pow_q(p, a.power);
+        if constexpr (kLabels) {
+          acc[2][c] += tk;
+        } else {
+          acc[2][c] += pow_q(tk, a.power);
+        }
+      };
+      if constexpr (kKind == kKindPixel) {
+        using Mth = ScalarMath<acc_t>;
+        const bool focal = a.pixel_loss == kPixelFocal;
+        // the pixel rows of one element: term e of a counted pixel, else selected away
+        const auto pixel = [&](int c, acc_t term, bool valid, acc_t tk) {
+          term = valid ? term : acc_t(0);
+          acc[3][c] += target_times<Mth>(tk, term);
+          acc[4][c] += term;
+        };
+        if (a.activation == kSoftmax) {
+          acc_t ev[NCH][NP], inv[NP], sm1[NP], ls[NP];
+          softmax_pixel<kWide>(tl, v, ev, step, n, a, norm, true, red_max, red_sum, inv, sm1);
 #pragma unroll
-      for (int c = 0; c < NCH; ++c) {
-        const int64_t k = a.c0 + tl.channel(c);
+          for (int j = 0; j < NP; ++j) ls[j] = Mth::log1p(sm1[j]);  // log s: one log per pixel
 #pragma unroll
-        for (int j = 0; j < NP; ++j) {
-          const bool valid = code[j] != kIgnored;
-          const acc_t p = valid ? v[c][j] : acc_t(0);
-          // p * t, not a select on the label: a NaN pixel makes every class's I NaN, as in the
-          // reference (ignored pixels have p = t = 0 here)
-          if constexpr (kLabels) {
-            const acc_t tk = code[j] == k ? acc_t(1) : acc_t(0);
-            acc[0][c] += p * tk;
-            acc[2][c] += tk;
-          } else {
-            const acc_t tk = valid ? tv[c][j] : acc_t(0);
-            acc[0][c] += p * tk;
-            acc[2][c] += pow_q(tk, a.power);
+          for (int c = 0; c < NCH; ++c) {
+            const int64_t k = a.c0 + tl.channel(c);
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const bool valid = code[j] != kIgnored;
+              acc_t tk;
+              if constexpr (kLabels) {
+                tk = code[j] == k ? acc_t(1) : acc_t(0);
+              } else {
+                tk = valid ? tv[c][j] : acc_t(0);
+              }
+              const acc_t e = ev[c][j];
+              dice(c, j, valid ? e * inv[j] : acc_t(0), tk);
+              const acc_t ce = softmax_ce_term(ls[j], v[c][j]);
+              pixel(c, focal ? softmax_focal_term<Mth>(softmax_one_minus_p(sm1[j], e, inv[j]), ce, a.fg) : ce, valid,
+                    tk);
+            }
           }
-          acc[1][c] += pow_q(p, a.power);
+        } else {  // sigmoid
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            const int64_t k = a.c0 + tl.channel(c);
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const bool valid = code[j] != kIgnored;
+              acc_t tk;
+              if constexpr (kLabels) {
+                tk = code[j] == k ? acc_t(1) : acc_t(0);
+              } else {
+                tk = valid ? tv[c][j] : acc_t(0);
+              }
+              const acc_t z = v[c][j];
+              const acc_t e = dexp(-z);
+              const acc_t p = sigmoid_from_exp(e);
+              dice(c, j, valid ? p : acc_t(0), tk);
+              acc_t pm, sp;
+              sigmoid_softplus<Mth>(z, e, p, pm, sp);
+              acc_t term = bce_term<Mth>(sp, tk, z);
+              if (focal) {
+                acc_t fa, fc;
+                sigmoid_focal_factors<kLabels>(z, tk, p, pm, fa, fc);
+                term = pow_gamma<Mth>(fa, a.fg) * term;
+              }
+              pixel(c, term, valid, tk);
+            }
+          }
+        }
+      } else {
+        if constexpr (kKind == kKindHard) {
+          activate_hard<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
+        } else {
+          activate<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
+        }
+        // ignored pixels (and pixels past M) are selected away: they add exactly 0 everywhere
+#pragma unroll
+        for (int c = 0; c < NCH; ++c) {
+          const int64_t k = a.c0 + tl.channel(c);
+#pragma unroll
+          for (int j = 0; j < NP; ++j) {
+            const bool valid = code[j] != kIgnored;
+            const acc_t p = valid ? v[c][j] : acc_t(0);
+            // p * t, not a select on the label: a NaN pixel makes every class's I NaN, as in the
+            // reference (ignored pixels have p = t = 0 here)
+            if constexpr (kLabels) {
+              dice(c, j, p, code[j] == k ? acc_t(1) : acc_t(0));
+            } else {
+              dice(c, j, p, valid ? tv[c][j] : acc_t(0));
+            }
+          }
         }
       }
     }
@@ -610,7 +880,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
     // values in order.
     const int stride = tl.G > 32 ? tl.G : 32;
 #pragma unroll
-    for (int r = 0; r < 3 * NCH; ++r) {
+    for (int r = 0; r < kRows * NCH; ++r) {
       acc_t val = acc[r / NCH][r % NCH];
       for (int off = tl.G; off < 32; off <<= 1) val += __shfl_xor_sync(kFullMask, val, off);
       fin[threadIdx.x] = val;
@@ -619,7 +889,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
         acc_t sum = fin[threadIdx.x];
         for (int i = stride; i < kThreads; i += stride) sum += fin[threadIdx.x + i];
         const int k = tl.channel(r % NCH);
-        if (k < a.C) stg(partial + ((n * 3 + r / NCH) * a.Ct + a.c0 + k) * nprog + blockIdx.x, sum);
+        if (k < a.C) stg(partial + ((n * kRows + r / NCH) * a.Ct + a.c0 + k) * nprog + blockIdx.x, sum);
       }
       __syncthreads();
     }
@@ -646,14 +916,17 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------------------------
 // Backward: one read of x (and the target), one write of dL/dx
 // ------------------------------------------------------------------------------------------------
-template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide>
+template <typename scalar_t, bool kLabels, typename acc_t, int NCH, bool kCL, bool kWide, int kKind>
 __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL, kWide>())
     backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ x, const void* __restrict__ t,
                     scalar_t* __restrict__ gx, const acc_t* __restrict__ norm, acc_t* __restrict__ dot_buf,
                     const Args a) {
+  static_assert(kKind != kKindHard, "the hard activations have no backward");
   using TileT = Tile<scalar_t, kCL, NCH>;
   constexpr int NP = TileT::NP;
   constexpr int kRed = kWide ? kWarps : 1;
+  constexpr int kRows = kind_rows(kKind);
+  constexpr bool kPixel = kKind == kKindPixel;
   __shared__ acc_t red_max[kRed][NP];
   __shared__ acc_t red_sum[kRed][NP];
   __shared__ acc_t red_dot[kRed][NP];
@@ -669,13 +942,17 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
     const scalar_t* xn = x + n * a.xs.n;
     const scalar_t* tn = kLabels ? nullptr : static_cast<const scalar_t*>(t) + n * a.ts.n;  // float target
     scalar_t* gn = gx + n * a.gs.n;
-    // dL/dI and dL/dP of the lane's classes
-    acc_t cI[NCH], cP[NCH];
+    // dL/dI and dL/dP of the lane's classes (and dL/dX, dL/dL with a pixel loss)
+    acc_t cI[NCH], cP[NCH], cX[kPixel ? NCH : 1], cL[kPixel ? NCH : 1];
 #pragma unroll
     for (int c = 0; c < NCH; ++c) {
       const int k = tl.channel(c);
-      cI[c] = k < a.C ? ldg1(grad + (n * 3) * a.Ct + a.c0 + k) : acc_t(0);
-      cP[c] = k < a.C ? ldg1(grad + (n * 3 + 1) * a.Ct + a.c0 + k) : acc_t(0);
+      cI[c] = k < a.C ? ldg1(grad + (n * kRows) * a.Ct + a.c0 + k) : acc_t(0);
+      cP[c] = k < a.C ? ldg1(grad + (n * kRows + 1) * a.Ct + a.c0 + k) : acc_t(0);
+      if constexpr (kPixel) {
+        cX[c] = k < a.C ? ldg1(grad + (n * kRows + 3) * a.Ct + a.c0 + k) : acc_t(0);
+        cL[c] = k < a.C ? ldg1(grad + (n * kRows + 4) * a.Ct + a.c0 + k) : acc_t(0);
+      }
     }
 
     for (int64_t step = blockIdx.x; step < a.steps; step += gridDim.x) {
@@ -688,7 +965,6 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
         load_tile<scalar_t, acc_t, kCL, NCH>(tl, tn, a.ts, step, a.C, a.M,
                                              a.t_vec, tv);
       }
-      activate<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
 
       // target value of slot (c, j)
       auto target = [&](int c, int j) -> acc_t {
@@ -699,6 +975,93 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
         }
       };
 
+      if constexpr (kPixel) {
+        using Mth = ScalarMath<acc_t>;
+        const bool focal = a.pixel_loss == kPixelFocal;
+        if (softmax) {
+          // dz_j = p_j (g_j - sum_k (p_k g_k + h_k)) + h_j with h = -w (ce) or softmax_focal_h
+          // (focal); h is kept in v (where d was), e = exp(d) in ev
+          acc_t ev[NCH][NP], inv[NP], sm1[NP], ls[NP], dot[NP];
+          softmax_pixel<kWide>(tl, v, ev, step, n, a, norm, focal, red_max, red_sum, inv, sm1);
+#pragma unroll
+          for (int j = 0; j < NP; ++j) {
+            ls[j] = focal ? Mth::log1p(sm1[j]) : acc_t(0);
+            dot[j] = 0;
+          }
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+            const bool ok = tl.channel(c) < a.C;
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const acc_t tk = target(c, j), e = ev[c][j], p = e * inv[j];
+              const acc_t w = pixel_weight(cX[c], cL[c], tk);
+              acc_t h = -w;
+              if (focal) {
+                h = softmax_focal_h<Mth>(w, p, softmax_one_minus_p(sm1[j], e, inv[j]), softmax_ce_term(ls[j], v[c][j]),
+                                         a.fg);
+              }
+              h = ok ? h : acc_t(0);
+              if (ok) dot[j] += p * grad_p(cI[c], cP[c], tk, p, a.power) + h;
+              v[c][j] = h;
+            }
+          }
+          if (ext_dot) {
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const int64_t m = tl.pixel(step, j);
+              dot[j] = m < a.M ? ldp(dot_buf + n * a.M + m) : acc_t(0);
+            }
+          } else {
+            group_reduce<kWide>(dot, tl.G, red_dot, SumOp());
+          }
+          if (dot_pass) {  // huge C: this chunk's share of sum_k (p_k g_k + h_k), added in chunk order
+            if (tl.g == 0) {
+#pragma unroll
+              for (int j = 0; j < NP; ++j) {
+                const int64_t m = tl.pixel(step, j);
+                if (m < a.M) stg(dot_buf + n * a.M + m, ldp(dot_buf + n * a.M + m) + dot[j]);
+              }
+            }
+            continue;
+          }
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const acc_t p = ev[c][j] * inv[j];
+              const acc_t dz = softmax_dz(p, grad_p(cI[c], cP[c], target(c, j), p, a.power), dot[j]) + v[c][j];
+              v[c][j] = code[j] == kIgnored ? acc_t(0) : dz;  // exactly 0 for ignored pixels
+            }
+          }
+        } else {  // sigmoid
+          const acc_t gamma = static_cast<acc_t>(a.fg.gamma);
+#pragma unroll
+          for (int c = 0; c < NCH; ++c) {
+#pragma unroll
+            for (int j = 0; j < NP; ++j) {
+              const acc_t z = v[c][j], tk = target(c, j);
+              const acc_t e = dexp(-z);
+              const acc_t p = sigmoid_from_exp(e);
+              acc_t dz = sigmoid_dz(p, grad_p(cI[c], cP[c], tk, p, a.power));
+              const acc_t w = pixel_weight(cX[c], cL[c], tk);
+              if (focal && a.fg.mode != 0) {
+                acc_t pm, sp, fa, fc;
+                sigmoid_softplus<Mth>(z, e, p, pm, sp);
+                const acc_t b = bce_term<Mth>(sp, tk, z);
+                sigmoid_focal_factors<kLabels>(z, tk, p, pm, fa, fc);
+                dz = dz + sigmoid_focal_dz(w, p, tk, pow_gamma<Mth>(fa, a.fg), b, fc, gamma);
+              } else {  // cross-entropy (and focal with gamma = 0)
+                dz = dz + sigmoid_ce_dz(w, p, tk);
+              }
+              v[c][j] = code[j] == kIgnored ? acc_t(0) : dz;  // exactly 0 for ignored pixels
+            }
+          }
+        }
+        store_tile<scalar_t, acc_t, kCL, NCH>(tl, gn, a.gs, step, a.C, a.M, a.g_vec, v);
+        continue;
+      }
+
+      activate<kWide>(tl, v, step, n, a, norm, red_max, red_sum);
       acc_t dot[NP];
       if (softmax) {
         if (ext_dot) {
@@ -746,6 +1109,90 @@ __global__ void __launch_bounds__(kThreads, min_blocks<acc_t, kLabels, NCH, kCL,
         }
       }
       store_tile<scalar_t, acc_t, kCL, NCH>(tl, gn, a.gs, step, a.C, a.M, a.g_vec, v);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Huge C, argmax: the winning channel of each pixel over all channels (torch.argmax)
+// ------------------------------------------------------------------------------------------------
+// The layout of pixel_norm_kernel below: NCHW, a thread per run of V pixels walking the channels in
+// order (argmax_takes); channels-last, a warp per pixel, each lane walking its channels in order,
+// then the lanes' candidates merged by xor shuffles (argmax_merge_takes).  Writes the channel (as
+// acc_t, exact below 2^24) to norm[2 (n M + m)].
+template <typename scalar_t, typename acc_t, bool kCL>
+__global__ void __launch_bounds__(kThreads, 4)
+    argmax_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ norm, int64_t N, int64_t C, int64_t M,
+                  Strides3 xs, bool vec) {
+  constexpr int V = 16 / int(sizeof(scalar_t));
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
+    const scalar_t* xn = x + n * xs.n;
+    acc_t* normn = norm + 2 * n * M;
+    if constexpr (!kCL) {
+      for (int64_t m0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * V; m0 < M;
+           m0 += int64_t(gridDim.x) * kThreads * V) {
+        const scalar_t* px = xn + m0 * xs.m;
+        acc_t best[V], idx[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          best[j] = m0 + j < M ? static_cast<acc_t>(ldg1(px + j * xs.m)) : acc_t(0);
+          idx[j] = 0;
+        }
+        const bool full = vec && m0 + V <= M;
+        for (int64_t k = 1; k < C; ++k) {
+          scalar_t raw[V];
+          if (full) {
+            load_aligned<scalar_t, V>(px + k * xs.c, raw);
+          } else {
+#pragma unroll
+            for (int j = 0; j < V; ++j) raw[j] = m0 + j < M ? ldg1(px + j * xs.m + k * xs.c) : scalar_t(0);
+          }
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const acc_t v = static_cast<acc_t>(raw[j]);
+            if (argmax_takes(v, best[j])) {
+              best[j] = v;
+              idx[j] = static_cast<acc_t>(k);
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          if (m0 + j < M) stg(normn + 2 * (m0 + j), idx[j]);
+        }
+      }
+    } else {
+      const int lane = threadIdx.x & 31;
+      // warp-uniform loop: every lane of a warp runs the same iterations (shuffles below)
+      for (int64_t m = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); m < M; m += int64_t(gridDim.x) * kWarps) {
+        const scalar_t* px = xn + m * xs.m;
+        acc_t best = -static_cast<acc_t>(INFINITY), idx = static_cast<acc_t>(INFINITY);
+        const auto visit = [&](acc_t v, int64_t k) {
+          if (idx == static_cast<acc_t>(INFINITY) || argmax_takes(v, best)) {
+            best = v;
+            idx = static_cast<acc_t>(k);
+          }
+        };
+        if (vec) {  // C % V == 0
+          for (int64_t k = int64_t(lane) * V; k < C; k += 32 * V) {
+            scalar_t raw[V];
+            load_aligned<scalar_t, V>(px + k, raw);
+#pragma unroll
+            for (int j = 0; j < V; ++j) visit(static_cast<acc_t>(raw[j]), k + j);
+          }
+        } else {
+          for (int64_t k = lane; k < C; k += 32) visit(static_cast<acc_t>(ldg1(px + k * xs.c)), k);
+        }
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const acc_t b2 = __shfl_xor_sync(kFullMask, best, off), i2 = __shfl_xor_sync(kFullMask, idx, off);
+          if (argmax_merge_takes(b2, i2, best, idx)) {
+            best = b2;
+            idx = i2;
+          }
+        }
+        if (lane == 0) stg(normn + 2 * m, idx);
+      }
     }
   }
 }
@@ -852,6 +1299,7 @@ struct Plan {
   int pk;         // channels-last: pixels per 128-bit vector (1, or 2/4 packed pixels)
   int64_t chunk;  // channels per launch (C unless C > 256 * nch)
   int64_t pb;     // pixels per block step
+  int kind;       // kKindDice, kKindPixel or kKindHard
 };
 
 inline int ceil_pow2(int64_t v) {
@@ -869,22 +1317,25 @@ inline int ilog2(int v) {
 /// Slots and lanes for C channels: the fewest lanes per pixel (G) that hold C in at most
 /// max_slots registers each, then the smallest slot count {2, 4, 8} that covers C with G lanes
 /// (channels-last C = 2 or 4 with 2-byte elements, or C = 2 with 4-byte ones: packed pixels).
+/// kind: the slot bounds of the pixel-loss kernels (kind_slots, kind_min_slots).
 template <typename scalar_t, bool kLabels>
-Plan make_plan(int64_t C, bool cl) {
+Plan make_plan(int64_t C, bool cl, int kind = kKindDice) {
   Plan p{};
   p.cl = cl;
-  const int mx = max_slots<scalar_t, kLabels>(cl);
+  p.kind = kind;
+  const int mx = kind_slots(kind, max_slots<scalar_t, kLabels>(cl), cl, int(sizeof(scalar_t)));
   const int64_t need = (C + mx - 1) / mx;  // lanes needed at mx slots each
   if (need <= kMaxLanes) {
     p.wide = false;
     p.G = ceil_pow2(need);
     const int64_t per = (C + p.G - 1) / p.G;
     p.nch = per <= 2 ? 2 : per <= 4 ? 4 : 8;
+    if (p.nch < kind_min_slots(kind, cl)) p.nch = kind_min_slots(kind, cl);
     if (p.nch > mx || one_slot_count<scalar_t>()) p.nch = mx;
     p.chunk = C;
   } else {
     p.wide = true;
-    p.nch = wide_slots<scalar_t, kLabels>(cl);
+    p.nch = kind_slots(kind, wide_slots<scalar_t, kLabels>(cl), cl, int(sizeof(scalar_t)));
     const int64_t lanes = (C + p.nch - 1) / p.nch;
     p.G = lanes >= kMaxGroupLanes ? kMaxGroupLanes : ceil_pow2(lanes);
     p.chunk = int64_t(p.G) * p.nch < C ? int64_t(p.G) * p.nch : C;
@@ -902,43 +1353,61 @@ template <typename scalar_t, typename acc_t>
 using BackwardKernel = void (*)(const acc_t*, const scalar_t*, const void*, scalar_t*, const acc_t*, acc_t*,
                                 const Args);
 
-// The instantiations: slots {2, 4, 8} up to max_slots per mapping, and one wide kernel per mapping
-// (fp64: max_slots only).
-#define DICE_SELECT_KERNEL(KERNEL, plan)                                                          \
+// The instantiations: slots {2, 4, 8} up to max_slots per mapping (the pixel-loss kind: within
+// kind_min_slots .. kind_slots), and one wide kernel per mapping (fp64: max_slots only); per kind
+// (the hard kind forward only).
+#define DICE_SELECT_KERNEL(KERNEL, plan, KIND)                                                    \
   do {                                                                                            \
-    constexpr int kMaxP = max_slots<scalar_t, kLabels>(false);                                    \
-    constexpr int kMaxC = max_slots<scalar_t, kLabels>(true);                                     \
-    constexpr int kWideP = wide_slots<scalar_t, kLabels>(false);                                  \
+    constexpr int kB = int(sizeof(scalar_t));                                                     \
+    constexpr int kMaxP = kind_slots(KIND, max_slots<scalar_t, kLabels>(false), false, kB);       \
+    constexpr int kMaxC = kind_slots(KIND, max_slots<scalar_t, kLabels>(true), true, kB);         \
+    constexpr int kWideP = kind_slots(KIND, wide_slots<scalar_t, kLabels>(false), false, kB);     \
+    constexpr int kWideC = kind_slots(KIND, wide_slots<scalar_t, kLabels>(true), true, kB);       \
+    constexpr int kMinC = kind_min_slots(KIND, true);                                             \
     if ((plan).wide) {                                                                            \
-      return (plan).cl ? &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, true>                     \
-                       : &KERNEL<scalar_t, kLabels, acc_t, kWideP, false, true>;                  \
+      return (plan).cl ? &KERNEL<scalar_t, kLabels, acc_t, kWideC, true, true, KIND>              \
+                       : &KERNEL<scalar_t, kLabels, acc_t, kWideP, false, true, KIND>;            \
     }                                                                                             \
     if constexpr (one_slot_count<scalar_t>()) {                                                   \
-      return (plan).cl ? &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, false>                    \
-                       : &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false>;                  \
+      return (plan).cl ? &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, false, KIND>              \
+                       : &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false, KIND>;            \
     } else {                                                                                      \
       if ((plan).cl) {                                                                            \
         switch ((plan).nch) {                                                                     \
-          case 2: return &KERNEL<scalar_t, kLabels, acc_t, 2, true, false>;                       \
-          case 4: return &KERNEL<scalar_t, kLabels, acc_t, 4, true, false>;                       \
-          default: return &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, false>;                  \
+          case 2: return &KERNEL<scalar_t, kLabels, acc_t, (kMinC > 2 ? kMinC : 2), true, false, KIND>; \
+          case 4: return &KERNEL<scalar_t, kLabels, acc_t, (kMaxC < 4 ? kMaxC : 4), true, false, KIND>; \
+          default: return &KERNEL<scalar_t, kLabels, acc_t, kMaxC, true, false, KIND>;            \
         }                                                                                         \
       }                                                                                           \
       switch ((plan).nch) {                                                                       \
-        case 2: return &KERNEL<scalar_t, kLabels, acc_t, 2, false, false>;                        \
-        case 4: return &KERNEL<scalar_t, kLabels, acc_t, (kMaxP < 4 ? kMaxP : 4), false, false>;  \
-        default: return &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false>;                   \
+        case 2: return &KERNEL<scalar_t, kLabels, acc_t, 2, false, false, KIND>;                  \
+        case 4: return &KERNEL<scalar_t, kLabels, acc_t, (kMaxP < 4 ? kMaxP : 4), false, false, KIND>; \
+        default: return &KERNEL<scalar_t, kLabels, acc_t, kMaxP, false, false, KIND>;            \
       }                                                                                           \
     }                                                                                             \
   } while (0)
 
+template <typename scalar_t, bool kLabels, typename acc_t, int kKind>
+ForwardKernel<scalar_t, acc_t> select_forward_kind(const Plan& plan) {
+  DICE_SELECT_KERNEL(forward_partial_kernel, plan, kKind);
+}
 template <typename scalar_t, bool kLabels, typename acc_t>
 ForwardKernel<scalar_t, acc_t> select_forward(const Plan& plan) {
-  DICE_SELECT_KERNEL(forward_partial_kernel, plan);
+  switch (plan.kind) {
+    case kKindPixel: return select_forward_kind<scalar_t, kLabels, acc_t, kKindPixel>(plan);
+    case kKindHard: return select_forward_kind<scalar_t, kLabels, acc_t, kKindHard>(plan);
+    default: return select_forward_kind<scalar_t, kLabels, acc_t, kKindDice>(plan);
+  }
+}
+template <typename scalar_t, bool kLabels, typename acc_t, int kKind>
+BackwardKernel<scalar_t, acc_t> select_backward_kind(const Plan& plan) {
+  DICE_SELECT_KERNEL(backward_kernel, plan, kKind);
 }
 template <typename scalar_t, bool kLabels, typename acc_t>
 BackwardKernel<scalar_t, acc_t> select_backward(const Plan& plan) {
-  DICE_SELECT_KERNEL(backward_kernel, plan);
+  TORCH_CHECK(plan.kind != kKindHard, "dicetorch: the hard activations have no backward");
+  return plan.kind == kKindPixel ? select_backward_kind<scalar_t, kLabels, acc_t, kKindPixel>(plan)
+                                 : select_backward_kind<scalar_t, kLabels, acc_t, kKindDice>(plan);
 }
 #undef DICE_SELECT_KERNEL
 
@@ -997,11 +1466,13 @@ inline int64_t programs_per_image(int64_t resident, int64_t N, int64_t steps) {
   return b < 1 ? 1 : b;
 }
 
+/// pixel_norm_kernel (or, with argmax, argmax_kernel) over all C channels of every pixel.
 template <typename scalar_t, typename acc_t, typename Backend>
 void launch_pixel_norm(Backend& be, bool cl, bool vec, const scalar_t* xp, acc_t* norm, int64_t N, int64_t C,
-                       int64_t M, const Strides3& xs) {
+                       int64_t M, const Strides3& xs, bool argmax = false) {
   constexpr int64_t kVec = 16 / int64_t(sizeof(scalar_t));
-  const auto kernel = cl ? &pixel_norm_kernel<scalar_t, acc_t, true> : &pixel_norm_kernel<scalar_t, acc_t, false>;
+  const auto kernel = argmax ? (cl ? &argmax_kernel<scalar_t, acc_t, true> : &argmax_kernel<scalar_t, acc_t, false>)
+                             : (cl ? &pixel_norm_kernel<scalar_t, acc_t, true> : &pixel_norm_kernel<scalar_t, acc_t, false>);
   // blocks per image: enough for the image's pixels (a warp each, channels-last) or runs of kVec
   // pixels (a thread each), at most the resident blocks shared among the images of grid.y
   const int64_t per_block = cl ? kWarps : kThreads * kVec;
@@ -1018,15 +1489,16 @@ template <typename scalar_t, bool kLabels, typename Backend>
 void forward_typed(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Tensor& stats, const DiceOptions& o) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), Ct = x.size(1), M = x.size(2);
-  const Plan plan = make_plan<scalar_t, kLabels>(Ct, use_channels_last(x));
+  const Plan plan = make_plan<scalar_t, kLabels>(Ct, use_channels_last(x), kind_of(o));
   const auto kernel = select_forward<scalar_t, kLabels, acc_t>(plan);
   const int64_t steps = (M + plan.pb - 1) / plan.pb;
   const int64_t nprog = programs_per_image(be.max_programs(reinterpret_cast<const void*>(kernel)), N, steps);
-  TORCH_CHECK(nprog < (int64_t(1) << 31) && N * 3 * Ct < (int64_t(1) << 31),
+  const int64_t rows = o.rows();
+  TORCH_CHECK(nprog < (int64_t(1) << 31) && N * rows * Ct < (int64_t(1) << 31),
               "dicetorch: input too large for the CUDA kernel grid");
   const auto acc_opts = x.options().dtype(std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat);
-  // per-program partial sums: a few programs per SM in all, so 3 * C * (resident blocks) at most
-  at::Tensor partial = at::empty({N, 3, Ct, nprog}, acc_opts);
+  // per-program partial sums: a few programs per SM in all, so rows * C * (resident blocks) at most
+  at::Tensor partial = at::empty({N, rows, Ct, nprog}, acc_opts);
   be.track(x);
   be.track(t);
   be.track(stats);
@@ -1046,17 +1518,21 @@ void forward_typed(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Te
   a.power = o.power;
   a.has_ignore = o.has_ignore;
   a.ignore_index = o.ignore_index;
+  a.rows = o.rows();
+  a.pixel_loss = o.pixel_loss;
+  a.fg = focal_gamma(o.gamma);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const void* tp = t.const_data_ptr();
   a.x_vec = vector_ok<scalar_t>(plan, xp, a.xs, N, Ct, M);
   a.label_bytes = static_cast<int>(t.element_size());
   a.t_vec = kLabels ? labels_vector_ok(plan, tp, a.ts, N, t.element_size()) : vector_ok<scalar_t>(plan, tp, a.ts, N, Ct, M);
 
-  at::Tensor norm;  // huge C, softmax: per-pixel (max, 1/sum) over all channels
-  if (plan.chunk < Ct && o.activation == kSoftmax) {
+  at::Tensor norm;  // huge C: per-pixel (max, 1/sum) over all channels (softmax), or argmax's channel
+  if (plan.chunk < Ct && (o.activation == kSoftmax || o.activation == kArgmax)) {
     norm = at::empty({N, M, 2}, acc_opts);
     be.track(norm);
-    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, a.x_vec, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs);
+    launch_pixel_norm<scalar_t, acc_t>(be, plan.cl, a.x_vec, xp, norm.mutable_data_ptr<acc_t>(), N, Ct, M, a.xs,
+                                       o.activation == kArgmax);
     a.ext_norm = true;
   }
   const acc_t* normp = norm.defined() ? norm.const_data_ptr<acc_t>() : nullptr;
@@ -1067,7 +1543,7 @@ void forward_typed(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Te
     be.launch(kernel, grid, xp + c0 * a.xs.c, kLabels ? tp : static_cast<const void*>(static_cast<const scalar_t*>(tp) + c0 * a.ts.c), partial.mutable_data_ptr<acc_t>(),
               normp, a);
   }
-  be.launch(&reduce_partial_kernel<acc_t>, dim3(static_cast<unsigned>(N * 3 * Ct)),
+  be.launch(&reduce_partial_kernel<acc_t>, dim3(static_cast<unsigned>(N * rows * Ct)),
             static_cast<const acc_t*>(partial.const_data_ptr<acc_t>()), stats.mutable_data_ptr<acc_t>(), nprog);
 }
 
@@ -1076,7 +1552,7 @@ void backward_typed(Backend& be, const at::Tensor& grad, const at::Tensor& x, co
                     const DiceOptions& o) {
   using acc_t = acc_type<scalar_t>;
   const int64_t N = x.size(0), Ct = x.size(1), M = x.size(2);
-  const Plan plan = make_plan<scalar_t, kLabels>(Ct, use_channels_last(x));
+  const Plan plan = make_plan<scalar_t, kLabels>(Ct, use_channels_last(x), kind_of(o));
   const auto kernel = select_backward<scalar_t, kLabels, acc_t>(plan);
   const int64_t steps = (M + plan.pb - 1) / plan.pb;
   const int64_t nprog = programs_per_image(be.max_programs(reinterpret_cast<const void*>(kernel)), N, steps);
@@ -1097,6 +1573,9 @@ void backward_typed(Backend& be, const at::Tensor& grad, const at::Tensor& x, co
   a.power = o.power;
   a.has_ignore = o.has_ignore;
   a.ignore_index = o.ignore_index;
+  a.rows = o.rows();
+  a.pixel_loss = o.pixel_loss;
+  a.fg = focal_gamma(o.gamma);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const void* tp = t.const_data_ptr();
   scalar_t* gp = gx.mutable_data_ptr<scalar_t>();
@@ -1137,14 +1616,17 @@ void backward_typed(Backend& be, const at::Tensor& grad, const at::Tensor& x, co
   }
 }
 
-inline void check_activation(const DiceOptions& o) {
-  TORCH_CHECK(o.activation == kSoftmax || o.activation == kSigmoid || o.activation == kNone,
-              "dicetorch: the CUDA kernels implement activation softmax, sigmoid and none only");
+/// What the kernels assume of the options (dice.cpp checks them for the user).
+inline void check_activation(const DiceOptions& o, bool backward) {
+  TORCH_CHECK(o.activation >= kSoftmax && o.activation <= kThreshold, "dicetorch: unknown activation code");
+  TORCH_CHECK(o.pixel_loss == kPixelNone || o.activation == kSoftmax || o.activation == kSigmoid,
+              "dicetorch: a pixel loss needs activation softmax or sigmoid");
+  TORCH_CHECK(!backward || !is_hard_activation(o.activation), "dicetorch: the hard activations have no backward");
 }
 
 template <typename Backend>
 void run_forward(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Tensor& stats, const DiceOptions& o) {
-  check_activation(o);
+  check_activation(o, false);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_forward_cuda", [&] {
     if (t.is_floating_point()) {
       forward_typed<scalar_t, false>(be, x, t, stats, o);
@@ -1157,7 +1639,7 @@ void run_forward(Backend& be, const at::Tensor& x, const at::Tensor& t, at::Tens
 template <typename Backend>
 void run_backward(Backend& be, const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& gx,
                   const DiceOptions& o) {
-  check_activation(o);
+  check_activation(o, true);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_backward_cuda", [&] {
     if (t.is_floating_point()) {
       backward_typed<scalar_t, false>(be, grad, x, t, gx, o);
