@@ -11,10 +11,11 @@
 //       plus the pixel loss's gradient with weights w = gX*t + gL; grad is (N, 3 or 5, C)
 //
 // pixel_loss needs activation "softmax" or "sigmoid" (e is a function of the logits); gamma >= 0 is
-// the focal exponent.  The CUDA kernels do not compute the pixel rows yet (they refuse them).
+// the focal exponent.  Both devices compute the pixel rows in the Dice rows' fused pass, with the
+// element math of dice_math.h.
 //
 // activation: "softmax" | "sigmoid" | "none", or the hard (forward-only) "argmax" | "threshold"
-// that make p a 0/1 prediction per pixel (dice_math.h); CPU kernels only for now.
+// that make p a 0/1 prediction per pixel (dice_math.h); their backward is refused on both devices.
 //
 // x is (N, C, M) float (fp16/bf16/fp32/fp64), any strides; t is (N, M) int32/int64/uint8 labels
 // or an (N, C, M) float target of x's dtype; p = activation(x) in fp32 (fp64 for fp64 input).
@@ -156,21 +157,10 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
 }
 
 #ifdef DICETORCH_WITH_CUDA
-/// The CUDA kernels do not compute the pixel-loss rows yet (dicetorch.ops picks another backend).
-void check_cuda_pixel_loss(const DiceOptions& o, c10::string_view pixel_loss) {
-  TORCH_CHECK(o.pixel_loss == kPixelNone, "dicetorch: the CUDA kernels do not implement pixel_loss='",
-              std::string(pixel_loss), "' yet; the Triton backend and the reference compute it ",
-              "(backend='auto', 'triton' or 'reference')");
-}
-
 at::Tensor forward_cuda(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
                         std::optional<int64_t> ignore_index, c10::string_view pixel_loss, double gamma) {
   const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
-  // The CUDA kernels do not implement the hard activations yet (dicetorch.ops picks another backend).
-  TORCH_CHECK(!is_hard_activation(o.activation), "dicetorch: the CUDA kernels do not implement activation='",
-              std::string(activation), "' yet; use backend='auto' or 'reference'");
-  check_cuda_pixel_loss(o, pixel_loss);
-  at::Tensor stats = at::empty({x.size(0), 3, x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
+  at::Tensor stats = at::empty({x.size(0), o.rows(), x.size(1)}, x.options().dtype(acc_dtype(x.scalar_type())));
   cuda::forward(x, t, stats, o);
   return stats;
 }
@@ -180,7 +170,6 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::
                          c10::string_view pixel_loss, double gamma) {
   const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
   check_differentiable(o);
-  check_cuda_pixel_loss(o, pixel_loss);
   check_grad(grad, x, o);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
   // Gradient in x's layout (channels-last stays channels-last) when x is dense.

@@ -35,8 +35,9 @@ DICETORCH_DECLARE_CPU(AVX512)
 
 #ifdef DICETORCH_WITH_CUDA
 namespace cuda {
-// csrc/cuda/dice_cuda.cu: stats (N, 3, C) and grad_x are allocated by the caller; the kernels'
-// own scratch (per-program partial sums, sized from the device's occupancy) is allocated inside.
+// csrc/cuda/dice_cuda.cu: stats (N, o.rows(), C) and grad_x are allocated by the caller (grad is
+// (N, o.rows(), C) contiguous in the accumulation dtype); the kernels' own scratch (per-program
+// partial sums, sized from the device's occupancy) is allocated inside.
 void forward(const at::Tensor& x, const at::Tensor& t, at::Tensor& stats, const DiceOptions& o);
 void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& grad_x,
               const DiceOptions& o);

@@ -20,7 +20,7 @@ Hard activations ("argmax", "threshold"; see :mod:`dicetorch.reference`) turn th
 evaluation counter: p is a 0/1 prediction made per pixel inside the kernel (no argmax or one-hot
 tensor is materialized), so (I, P, T) are the hard intersection and volumes; the result never
 requires grad.  The backends that compute them are listed by :func:`hard_activation_backends`
-("reference" and "cpu" today; a Triton module declares its own in ``HARD_ACTIVATIONS``).
+("reference", "cpu" and "cuda"; a Triton module declares its own in ``HARD_ACTIVATIONS``).
 
 Every backend implements the same two functions on the canonical layout (see
 :mod:`dicetorch.reference`): ``forward(input (N,C,M), target, activation, power, ignore_index)
@@ -137,10 +137,9 @@ def available_backends(device: torch.device | str = "cpu") -> list:
 
 
 # Backends whose kernels compute the hard activations / the pixel-loss rows.  The Triton module
-# declares its own support in the module attributes ``HARD_ACTIVATIONS`` and ``PIXEL_LOSSES``; the
-# CUDA extension joins these sets when its kernels implement them (csrc/dice.cpp refuses them until then).
-_HARD_KERNELS = frozenset({"reference", "cpu"})
-_PIXEL_KERNELS = frozenset({"reference", "cpu"})
+# declares its own support in the module attributes ``HARD_ACTIVATIONS`` and ``PIXEL_LOSSES``.
+_HARD_KERNELS = frozenset({"reference", "cpu", "cuda"})
+_PIXEL_KERNELS = frozenset({"reference", "cpu", "cuda"})
 
 
 def supports_hard_activation(backend: str, activation: str = "argmax") -> bool:

@@ -32,8 +32,9 @@ import torch
 from conftest import INTERPRETED, backends_under_test, interpreter_suite
 from dicetorch import ops, reference
 
-# Kernel backends that compute the pixel rows in their fused pass (add "cuda" when it does).
-PIXEL_KERNELS = ["cpu", "triton"]
+# Kernel backends that compute the pixel rows in their fused pass ("cuda" works on CUDA tensors only:
+# tests/test_gpu.py and, on the CPU, tests/test_cuda_emulation.py compare it with the reference).
+PIXEL_KERNELS = ["cpu", "triton", "cuda"]
 
 BACKENDS = [b for b in backends_under_test() if b in PIXEL_KERNELS]
 pytestmark = pytest.mark.skipif(

@@ -311,6 +311,140 @@ def test_past_2_to_the_31_elements(backend):
 
 
 # ----------------------------------------------------------------------------------------------
+# compound losses (pixel-loss rows) and hard activations, against the float64 reference
+# ----------------------------------------------------------------------------------------------
+# The oracle is the reference evaluated in float64 on the same input values: only the kernel's own
+# rounding is measured (tests/test_compound_kernels.py).  The pixel rows add a log1p per pixel and,
+# for focal, a power per element (``__powf`` with --use_fast_math): relative 5e-5, 4e-6 per pixel.
+def _compound_cases():
+    out = []
+    losses = (("ce", 2.0), ("focal", 2.0), ("focal", 0.5), ("focal", 1.3), ("focal", 0.0))
+    for k, (C, dtype) in enumerate(itertools.product((1, 3, 8, 21, 130, 1100), DTYPES)):
+        for a, act in enumerate(("softmax", "sigmoid")):
+            if C == 1 and act == "softmax":
+                continue
+            pixel_loss, gamma = losses[(k + a) % len(losses)]
+            kind = KINDS[(k + a) % 3]
+            label_dtype = LABEL_DTYPES[(k // 3 + a) % 3]
+            ndim = 2 if C >= 130 else (k + 2 * a) % 4
+            layout = LAYOUTS[(k // 4 + a + k) % 4]
+            ignore = None
+            if kind == "labels":
+                outside = 255 if label_dtype == torch.uint8 else -100
+                ignore = (outside, min(C - 1, 2), None)[(k // 3 + k) % 3]
+            out.append(pytest.param(C, dtype, act, pixel_loss, gamma, kind, label_dtype, ignore, ndim, layout,
+                                    id=f"C{C}-{str(dtype)[6:]}-{act}-{pixel_loss}{gamma:g}-{kind}-ign{ignore}-"
+                                       f"d{ndim}-{layout}"))
+    return out
+
+
+@needs_gpu
+@pytest.mark.parametrize("C,dtype,activation,pixel_loss,gamma,kind,label_dtype,ignore,ndim,layout", _compound_cases())
+def test_compound_matches_reference_on_gpu(backend, C, dtype, activation, pixel_loss, gamma, kind, label_dtype,
+                                           ignore, ndim, layout):
+    if not ops.supports_pixel_loss(backend, pixel_loss):
+        pytest.skip(f"backend {backend!r} does not compute pixel_loss={pixel_loss!r}")
+    gen = torch.Generator().manual_seed(C * 1000 + ndim * 10 + 7)
+    N, spatial = 2, SPATIAL[ndim] if C < 130 else (12, 11)
+    x = make_input(N, C, spatial, dtype, layout, activation, gen)
+    t = make_target(N, C, spatial, dtype, kind, label_dtype, ignore, x, gen)
+    ign = ignore if kind == "labels" else None
+    t64 = t.double() if t.is_floating_point() else t
+    xa, xb = x.detach().requires_grad_(True), x.detach().double().requires_grad_(True)
+    stats = ops.dice_stats(xa, t, activation, 1, ign, backend, pixel_loss, gamma)
+    ref = ops.dice_stats(xb, t64, activation, 1, ign, "reference", pixel_loss, gamma)
+    assert stats.shape == (N, 5, C) and stats.dtype == R.acc_dtype(dtype)
+    pixels = max(1, x[0, 0].numel())
+    f64 = dtype == torch.float64
+    torch.testing.assert_close(stats[:, :3].double(), ref[:, :3], rtol=STATS_RTOL[dtype],
+                               atol=STATS_ATOL_PER_PIXEL[dtype] * pixels)
+    torch.testing.assert_close(stats[:, 3:].double(), ref[:, 3:], rtol=1e-12 if f64 else 5e-5,
+                               atol=(1e-13 if f64 else 4e-6) * pixels)
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64).cuda()
+    (stats * w.to(stats.dtype)).sum().backward()
+    (ref * w).sum().backward()
+    scale = float(xb.grad.abs().max())
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=GRAD_RTOL[dtype],
+                               atol=(1e-13 if f64 else 4e-6) * scale + 1e-30)
+    if ign is not None:  # ignored pixels get exactly zero gradient
+        dropped = (t.long() == ign).unsqueeze(1).expand_as(xa.grad)
+        assert torch.all(xa.grad[dropped] == 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("pixel_loss,gamma", [("ce", 2.0), ("focal", 0.5), ("focal", 2.0)])
+def test_compound_confident_and_masked_on_gpu(backend, pixel_loss, gamma):
+    """Logit gaps of 40 and channels masked with -inf: X = 0 and L = +inf there, finite elsewhere,
+    finite gradients (tests/test_compound_kernels.py::test_confident_and_masked_channels_stay_finite)."""
+    if not ops.supports_pixel_loss(backend, pixel_loss):
+        pytest.skip(f"backend {backend!r} does not compute pixel_loss={pixel_loss!r}")
+    g = torch.Generator().manual_seed(3)
+    for c, layout in ((5, "contiguous"), (21, "channels_last"), (1100, "contiguous")):
+        x = torch.randn(2, c, 8, 9, generator=g, dtype=torch.float64)
+        winner = torch.randint(2, c, (2, 8, 9), generator=g)
+        x = x + 40.0 * torch.nn.functional.one_hot(winner, c).movedim(-1, 1)
+        x[:, :2] = float("-inf")
+        labels = torch.randint(2, c, (2, 8, 9), generator=g)
+        xk = x.float().cuda()
+        if layout == "channels_last":
+            xk = xk.contiguous(memory_format=torch.channels_last)
+        xk.requires_grad_(True)
+        got = ops.dice_stats(xk, labels.cuda(), "softmax", 1, None, backend, pixel_loss, gamma)
+        assert bool(torch.isfinite(got[:, :4]).all()) and bool(torch.isfinite(got[:, 4, 2:]).all())
+        assert bool((got[:, :4, :2] == 0).all()) and bool((got[:, 4, :2] == float("inf")).all())
+        grad = torch.randn(2, 5, c, generator=g, dtype=torch.float64)
+        grad[:, 4, :2] = 0.0
+        (got * grad.float().cuda()).sum().backward()
+        assert bool(torch.isfinite(xk.grad).all()) and bool((xk.grad[:, :2] == 0).all())
+
+
+@needs_gpu
+@pytest.mark.parametrize("C", [1, 2, 3, 8, 21, 130, 1100, 2100])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("activation", ["argmax", "threshold"])
+def test_hard_activation_matches_reference_on_gpu(backend, activation, C, layout):
+    """Exact counts (labels and one-hot targets): torch.argmax's ties (lowest channel) and NaN (the
+    first NaN wins), all -inf pixels (channel 0); threshold x > 0 (NaN: 0)."""
+    if not ops.supports_hard_activation(backend, activation):
+        pytest.skip(f"backend {backend!r} does not compute activation={activation!r}")
+    gen = torch.Generator().manual_seed(C)
+    spatial = (6, 7) if C >= 130 else (19, 23)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        x = make_input(2, C, spatial, dtype, layout, "softmax", gen)
+        x.copy_(x.round())  # many ties (in place: the layout stays)
+        x[0, :, 0, 0] = float("-inf")
+        if C > 1:
+            x[1, C - 1, 0, 1] = float("nan")
+            x[1, C // 2, 0, 2] = float("nan")
+            x[1, C - 1, 0, 2] = float("nan")
+        t = make_target(2, C, spatial, dtype, "labels", torch.int64, None, x, gen)
+        stats = ops.dice_stats(x, t, activation, 1, None, backend)
+        ref = ops.dice_stats(x, t, activation, 1, None, "reference")
+        assert torch.equal(stats, ref), (dtype, (stats - ref).abs().max())
+        oh = make_target(2, C, spatial, dtype, "onehot", torch.int64, None, x, gen)
+        assert torch.equal(ops.dice_stats(x, oh, activation, 2, None, backend),
+                           ops.dice_stats(x, oh, activation, 2, None, "reference"))
+
+
+@needs_gpu
+def test_compound_bitwise_deterministic(backend):
+    if not ops.supports_pixel_loss(backend, "focal"):
+        pytest.skip(f"backend {backend!r} does not compute the pixel rows")
+    gen = torch.Generator().manual_seed(5)
+    x = make_input(4, 21, (96, 96), torch.float32, "channels_last", "softmax", gen)
+    y = make_target(4, 21, (96, 96), torch.float32, "labels", torch.int64, 255, x, gen)
+    grad = torch.randn(4, 5, 21, generator=gen).cuda()
+    runs = []
+    for _ in range(3):
+        xa = x.detach().requires_grad_(True)
+        s = ops.dice_stats(xa, y, "softmax", 1, 255, backend, "focal", 1.3)
+        (s * grad).sum().backward()
+        runs.append((s.detach(), xa.grad))
+    for s, g in runs[1:]:
+        assert torch.equal(s, runs[0][0]) and torch.equal(g, runs[0][1])
+
+
+# ----------------------------------------------------------------------------------------------
 # the GPU benchmark's code, on the CPU (runs in CI)
 # ----------------------------------------------------------------------------------------------
 def test_bench_gpu_runs_on_cpu(tmp_path):

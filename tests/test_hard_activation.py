@@ -25,8 +25,9 @@ import dicetorch as dt
 from conftest import INTERPRETED, backends_under_test, interpreter_suite
 from dicetorch import ops, reference
 
-# Kernel backends that implement the hard activations (add "triton" / "cuda" when they do).
-HARD_KERNELS = ["cpu", "triton"]
+# Kernel backends that implement the hard activations ("cuda" works on CUDA tensors only:
+# tests/test_gpu.py and, on the CPU, tests/test_cuda_emulation.py compare it with the reference).
+HARD_KERNELS = ["cpu", "triton", "cuda"]
 
 BACKENDS = [b for b in backends_under_test() if b in HARD_KERNELS]
 if not INTERPRETED:
