@@ -546,8 +546,9 @@ def format_markdown(rows) -> str:
     head = ["backend", "arch", "dtype", "C", "layout", "fwd tile, warps", "fwd regs / occ", "fwd ld",
             "fwd bar", "fwd exp/el", "bwd regs / occ", "bwd ld / st", "bwd bar", "bwd exp/el", "rules failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (backend, arch, dtype, C, layout, *_), rs in groups.items():
-        cells = [backend, f"sm_{arch}", dtype, str(C), layout]
+    kinds = {"pixel": " +CE/focal", "hard": " argmax/threshold"}  # the CUDA kernels' kind argument
+    for (backend, arch, dtype, C, layout, act, *_), rs in groups.items():
+        cells = [backend, f"sm_{arch}", dtype, str(C) + (kinds.get(act, "") if backend == "cuda" else ""), layout]
         fails = []
         for d in ("fwd", "bwd"):
             ds = [r for r in rs if r.get("direction") == d and r.get("ok") and r.get("passes", 0) > 0]
@@ -561,7 +562,8 @@ def format_markdown(rows) -> str:
             regs = f"{max(r['regs'] for r in ds)} / {min(r['occupancy'] for r in ds):.0%}"
             bars = main["barriers_in_loop"] if d == "fwd" else sum(r["barriers_total"] for r in ds)
             if d == "fwd":
-                tile = _tile(main)
+                tile = _tile(main) if backend == "triton" else \
+                    " ".join(f"{v.split('=')[1]} slots" for v in main.get("tile", "").split(",") if v.startswith("slots="))
                 cells += [f"{tile} {main['num_warps']}w".strip(), regs, str(main["logits_ld_bits"]), str(bars), exp]
             else:
                 cells += [regs, f"{main['logits_ld_bits']} / {main['grad_st_bits']}", str(bars), exp]
