@@ -460,8 +460,8 @@ struct SumOp {
 
 /// v[j] <- op over the pixel group's lanes of v[j].  Narrow groups (G <= 32): xor shuffles within
 /// the group.  Wide groups (G = 64..256 lanes, kWide): the whole warp, then the group's warps in
-/// order through red (one row per warp).  red must not be reused before the next barrier of the
-/// block (callers alternate buffers, see forward/backward).
+/// order through red (one row per warp), ending with a barrier so that red can be written again at
+/// once.
 template <bool kWide, int NP, typename T, typename Op>
 __device__ __forceinline__ void group_reduce(T (&v)[NP], int G, T (*red)[NP], Op op) {
   if constexpr (!kWide) {
@@ -488,6 +488,9 @@ __device__ __forceinline__ void group_reduce(T (&v)[NP], int G, T (*red)[NP], Op
       for (int w = 1; w < nw; ++w) r = op(r, red[w0 + w][j]);
       v[j] = r;
     }
+    // every warp has read red before any warp writes it again: the next call on the same buffer
+    // (the backward's per-step dot with an external normaliser has no other barrier in between)
+    __syncthreads();
   }
 }
 
