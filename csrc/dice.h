@@ -45,18 +45,3 @@ void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, 
 #endif
 
 }  // namespace dicetorch
-
-// Calls IMPL<scalar_t, tgt_t, kLabels>(ARGS...) for the target's kind (float target of the input's
-// dtype, or int64/int32/uint8 labels); used inside AT_DISPATCH over the input dtype by both devices.
-#define DICE_DISPATCH_TARGET(t, IMPL, ...)          \
-  do {                                              \
-    if ((t).is_floating_point()) {                  \
-      IMPL<scalar_t, scalar_t, false>(__VA_ARGS__); \
-    } else if ((t).scalar_type() == at::kLong) {    \
-      IMPL<scalar_t, int64_t, true>(__VA_ARGS__);   \
-    } else if ((t).scalar_type() == at::kInt) {     \
-      IMPL<scalar_t, int32_t, true>(__VA_ARGS__);   \
-    } else {                                        \
-      IMPL<scalar_t, uint8_t, true>(__VA_ARGS__);   \
-    }                                               \
-  } while (0)

@@ -41,6 +41,7 @@ DICE_HD auto argmax_takes(T x, T best) {
 // Pixel codes produced by label_code().
 constexpr int kIgnored = -2;   // pixel excluded from every sum, zero gradient
 constexpr int kNoMatch = -1;   // pixel counts (in P) but matches no channel
+static_assert(kNoMatch == -1, "label_code builds kNoMatch as an all-ones mask");
 
 // Fixed pixel chunking of the CPU reductions: partial sums are taken over fixed pixel ranges and
 // added in a fixed order, so results do not depend on the number of threads.  (The CUDA kernels'
@@ -49,15 +50,19 @@ constexpr int64_t kCpuChunk = 4096;        // pixels per CPU task
 
 /// Class code of one label: the matching channel index, kNoMatch, or kIgnored.
 /// Labels are compared (never used as addresses); with C == 1 label 1 is the foreground.
-/// Written with selects rather than branches: random labels would defeat branch prediction, and
-/// the CPU kernel's label loop vectorizes this way.
+/// Written with masks rather than branches or selects: random labels would defeat branch
+/// prediction, and the CPU kernel's label loop vectorizes only this way (GCC treats 64-bit selects
+/// as control flow).
 template <typename L>
 DICE_HD int label_code(L label, int64_t num_classes, bool has_ignore, int64_t ignore_index) {
   const int64_t v = static_cast<int64_t>(label);
   const int64_t k = num_classes == 1 ? v - 1 : v;         // the channel this label would match
   const int64_t classes = num_classes == 1 ? 1 : num_classes;
-  const int code = static_cast<uint64_t>(k) < static_cast<uint64_t>(classes) ? static_cast<int>(k) : kNoMatch;
-  return (has_ignore & (v == ignore_index)) ? kIgnored : code;
+  // all ones where k is a channel, else 0; k | ~in = k or -1 (kNoMatch)
+  const int64_t in = -static_cast<int64_t>(static_cast<uint64_t>(k) < static_cast<uint64_t>(classes));
+  const int64_t code = k | ~in;
+  const int64_t ignored = -static_cast<int64_t>(has_ignore & (v == ignore_index));
+  return static_cast<int>((code & ~ignored) | (static_cast<int64_t>(kIgnored) & ignored));
 }
 
 /// sigmoid(x) from e = exp(-x):  1 / (1 + e).

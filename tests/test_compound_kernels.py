@@ -194,6 +194,25 @@ def test_matches_reference(backend, dtype, activation, pixel_loss, gamma, kind, 
     check(backend, x, t, activation, power, ignore_index, pixel_loss, gamma, nan_grad=nan_grad)
 
 
+# The cpu kernel has one copy per channel count for float32 label targets with C <= 8 (tiles held in
+# registers) and a general copy; C = 9 is the general copy's smallest.  Each (activation, pixel loss)
+# meets a tail vector, channels-last or transposed input (the staged paths), or several pixel chunks.
+CHANNEL_COUNT_CASES = [("softmax", "ce", 0.0, "labels", None, "contiguous", (5, 13)),
+                       ("softmax", "focal", 2.0, "labels_u8", 2, "channels_last", (3, 4, 7)),
+                       ("sigmoid", "ce", 0.0, "labels_i32", -1, "contiguous", (4101,)),
+                       ("sigmoid", "focal", 0.5, "labels", 255, "transposed", (6, 5))]
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu kernel's channel-count copies")
+@pytest.mark.parametrize("c", range(1, 10))
+def test_every_channel_count(c):
+    for i, (activation, pixel_loss, gamma, kind, ignore_index, layout, spatial) in enumerate(CHANNEL_COUNT_CASES):
+        if c == 1 and activation == "softmax":
+            continue  # one channel: sigmoid only
+        x, t = make(2, c, spatial, kind, torch.float32, ignore_index, layout, seed=c)
+        check("cpu", x, t, activation, 1 + i % 2, ignore_index, pixel_loss, gamma, seed=c)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("activation,kind", [("softmax", "labels"), ("sigmoid", "labels"), ("sigmoid", "onehot"),

@@ -167,6 +167,34 @@ def test_fused_ops_directly():
                                rtol=1e-5, atol=1e-6)
 
 
+# The kernel has one copy per channel count for float32 label targets with C <= 8 (tiles held in
+# registers) and a general copy; C = 9 is the general copy's smallest channel count.  Each case:
+# a tail vector, channels-last input (the staged path), and more than one pixel chunk (4101 pixels).
+FIXED_C_CASES = [("labels", None, False, (5, 13)), ("labels_u8", 2, True, (3, 4, 7)), ("labels_i32", -1, False, (4101,))]
+
+
+def _channel_counts(activations):
+    """(activation, C) for C = 1 .. 9; softmax and argmax need C >= 2."""
+    return [(a, c) for a in activations for c in range(1, 10) if c > 1 or a not in ("softmax", "argmax")]
+
+
+@pytest.mark.parametrize("activation,c", _channel_counts(["softmax", "sigmoid", "none"]))
+def test_every_channel_count(activation, c):
+    for i, (kind, ignore_index, channels_last, spatial) in enumerate(FIXED_C_CASES):
+        x, t = make(2, c, spatial, kind, activation, torch.float32, ignore_index, channels_last, seed=c)
+        check_op(x, t, activation, 1 + i % 2, ignore_index)
+
+
+@pytest.mark.parametrize("activation,c", _channel_counts(["argmax", "threshold"]))
+def test_every_channel_count_hard(activation, c):
+    """The hard activations count whole pixels: the sums are exact integers on both sides."""
+    for i, (kind, ignore_index, channels_last, spatial) in enumerate(FIXED_C_CASES):
+        x, t = make(2, c, spatial, kind, "softmax", torch.float32, ignore_index, channels_last, seed=c)
+        got = ops.dice_stats(x, t, activation, 1 + i % 2, ignore_index, "cpu")
+        ref = ops.dice_stats(x, t, activation, 1 + i % 2, ignore_index, "reference")
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

@@ -7,11 +7,14 @@
 // never collide; dice.cpp picks one at run time.
 //
 // Algorithm (forward): the pixels of each image are cut into fixed chunks of kCpuChunk pixels;
-// one task = (image, chunk).  A task walks its chunk one vector of V pixels at a time: it loads the
-// (C, V) tile into a float buffer (converting fp16/bf16; transposing channels-last input), computes
-// p = activation(x) once per element (each exp once), and adds p*t, p^q, t^q into per-class vector
-// accumulators.  Each task writes its (3, C) partial sums; the partials of an image are then added
-// in chunk order.  The result is therefore independent of the number of threads.
+// one task = (image, chunk).  A task first turns its chunk's labels into class codes (one
+// vectorized loop), then walks the chunk one vector of V pixels at a time, in one sweep: it loads
+// the (C, V) tile (converting fp16/bf16; transposing channels-last input through a staging buffer),
+// computes p = activation(x) once per element (each exp once), and adds p*t, p^q, t^q into
+// per-class vector accumulators.  For float32 label targets with C <= kMaxFixedC the channel count
+// is a compile-time constant, so the tile and the accumulators stay in registers.  Each task writes
+// its (3, C) partial sums; the partials of an image are then added in chunk order.  The result is
+// therefore independent of the number of threads.
 // Backward: the same tiles, one pass, g = gI*t + gP*q*p^(q-1) and the activation's Jacobian.
 //
 // Pixel losses (compound Dice + CE / focal, rows X = sum t e and L = sum e): the same tiles and the
@@ -19,8 +22,7 @@
 // log1p per pixel; sigmoid gets softplus(z) from the e = exp(-z) of its p, one log1p per element.
 // The focal factors reuse those (products and a sqrt for whole and half-whole gamma, exp(gamma log)
 // for any other); only the sigmoid focal loss with soft (non-0/1) targets takes a second exp per
-// element.  The element formulas are the
-// shared ones of dice_math.h.
+// element.  The element formulas are the shared ones of dice_math.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -28,6 +30,8 @@
 #include <ATen/ops/empty_strided.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +50,20 @@ namespace cpu {
 namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
+
+#if defined(__GNUC__)
+// Everything the per-vector code calls is inlined (lambdas included), so the fixed tiles never
+// leave the chunk function: a tile passed by reference to an out-of-line call would have to live
+// in memory.
+#define DICE_INLINE inline __attribute__((always_inline))
+#define DICE_LAMBDA __attribute__((always_inline))
+// exp_u20 inlined into vexp whatever the size of the caller (flatten), and vexp into the caller
+#define DICE_FLAT_INLINE inline __attribute__((always_inline, flatten))
+#else
+#define DICE_INLINE inline
+#define DICE_LAMBDA
+#define DICE_FLAT_INLINE inline
+#endif
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -69,7 +87,7 @@ static at::Tensor fast_layout(const at::Tensor& a) {
 }
 
 template <typename acc_t>
-inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+DICE_FLAT_INLINE Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   // The op is bound by exp: the fast float exp (documented max error 20 ULP, i.e. ~1e-6 relative)
   // is far below the fp32 summation error of the sums it feeds.  It clamps its argument, which
   // would turn NaN into a finite value: NaN lanes are passed through (NaN in, NaN out).
@@ -84,33 +102,33 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 template <typename acc_t>
 struct VecMath {
   using Vec = Vectorized<acc_t>;
-  static Vec select(const Vec& mask, const Vec& a, const Vec& b) { return Vec::blendv(b, a, mask); }
-  static Vec log1p(const Vec& x) { return x.log1p(); }
-  static Vec log1p_unit(const Vec& x) {
+  DICE_INLINE static Vec select(const Vec& mask, const Vec& a, const Vec& b) { return Vec::blendv(b, a, mask); }
+  DICE_INLINE static Vec log1p(const Vec& x) { return x.log1p(); }
+  DICE_INLINE static Vec log1p_unit(const Vec& x) {
     if constexpr (std::is_same_v<acc_t, float>) {
       return log1p_unit_series(x);  // arithmetic only: the sigmoid's per-element log
     } else {
       return x.log1p();
     }
   }
-  static Vec exp(const Vec& x) { return vexp(x); }
-  static Vec abs(const Vec& x) { return x.abs(); }
-  static Vec sqrt(const Vec& x) { return x.sqrt(); }
+  DICE_INLINE static Vec exp(const Vec& x) { return vexp(x); }
+  DICE_INLINE static Vec abs(const Vec& x) { return x.abs(); }
+  DICE_INLINE static Vec sqrt(const Vec& x) { return x.sqrt(); }
   // x^g for x in [0, 1] as exp(g log x) with the kernel's exp: a third of Sleef's pow's time, and
   // as accurate as the other exps (0^g = exp(-inf) = 0 for g > 0; NaN stays NaN)
-  static Vec pow(const Vec& x, double g) { return vexp(Vec(static_cast<acc_t>(g)) * x.log()); }
+  DICE_INLINE static Vec pow(const Vec& x, double g) { return vexp(Vec(static_cast<acc_t>(g)) * x.log()); }
 };
 
 /// Whether every lane of t is 0 or 1 (one-hot float targets take the sigmoid focal loss's no-exp path).
 template <typename acc_t>
-inline bool all_binary(const Vectorized<acc_t>& t) {
+DICE_INLINE bool all_binary(const Vectorized<acc_t>& t) {
   using Vec = Vectorized<acc_t>;
   const Vec binary = (t == Vec(acc_t(0))) | (t == Vec(acc_t(1)));
   return Vec::blendv(Vec(acc_t(1)), Vec(acc_t(0)), binary).zero_mask() == (1 << Vec::size()) - 1;
 }
 
 template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> load_vec(const scalar_t* p) {
+DICE_INLINE Vectorized<acc_t> load_vec(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vectorized<acc_t>::loadu(p);
   } else {
@@ -121,7 +139,7 @@ inline Vectorized<acc_t> load_vec(const scalar_t* p) {
 }
 
 template <typename scalar_t, typename acc_t>
-inline void store_vec(scalar_t* p, const Vectorized<acc_t>& v) {
+DICE_INLINE void store_vec(scalar_t* p, const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p);
   } else {
@@ -162,174 +180,215 @@ void store_tile(scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt,
   }
 }
 
-/// Pixel codes of one chunk, [m_begin, m_end) of one image, into codes[0 .. round_up(len, V)):
-/// label_code() of each label (pixel stride ``stride``), or 0 for float targets; kIgnored for the
-/// padding lanes of the last vector.  Filled once per chunk in a tight loop (which the compiler
-/// vectorizes) so that the tile loop reads the codes as whole vectors.
-template <typename tgt_t, bool kLabels, typename acc_t>
-void chunk_codes(const tgt_t* labels, int64_t stride, int64_t m_begin, int64_t m_end, int64_t C,
-                 const DiceOptions& o, acc_t* codes) {
-  constexpr int V = Vectorized<acc_t>::size();
-  const int64_t len = m_end - m_begin, padded = (len + V - 1) / V * V;
-  if constexpr (kLabels) {
-    const tgt_t* lp = labels + m_begin * stride;
-    // has_ignore as a compile-time constant of each loop keeps the loops branch-free
-    const auto fill = [&](auto has_ignore) {
-      if (stride == 1) {
-        for (int64_t j = 0; j < len; ++j) {
-          codes[j] = static_cast<acc_t>(label_code(lp[j], C, decltype(has_ignore)::value, o.ignore_index));
-        }
-      } else {
-        for (int64_t j = 0; j < len; ++j) {
-          codes[j] = static_cast<acc_t>(label_code(lp[j * stride], C, decltype(has_ignore)::value, o.ignore_index));
-        }
-      }
-    };
-    if (o.has_ignore) {
-      fill(std::true_type{});
-    } else {
-      fill(std::false_type{});
-    }
+// Compile-time channel counts: label targets with C <= kMaxFixedC (float accumulation) get a copy
+// of the kernel per C whose tiles and accumulators are fixed arrays indexed only by constants
+// (every channel loop unrolled), so the compiler keeps them in registers: one sweep over each
+// vector of pixels, no tile buffer.  kC == 0 is the copy for any C, with the tiles on the heap.
+constexpr int kMaxFixedC = 8;
+
+
+/// f(k) for k = 0 .. C-1: unrolled with constant k (std::integral_constant) when kC > 0.
+template <int kC, typename F>
+DICE_INLINE void for_channels(int64_t C, F&& f) {
+  if constexpr (kC > 0) {
+    [&]<int64_t... k>(std::integer_sequence<int64_t, k...>) DICE_LAMBDA {
+      (f(std::integral_constant<int64_t, k>{}), ...);
+    }(std::make_integer_sequence<int64_t, kC>{});
   } else {
-    std::fill(codes, codes + len, acc_t(0));
-  }
-  std::fill(codes + len, codes + padded, acc_t(kIgnored));
-}
-
-/// In place: x (C rows of V lanes) -> p = activation(x), each exp computed once; hard activations
-/// write 0/1 (argmax over the channels of each lane, or x > 0).
-template <typename acc_t>
-inline void activate_tile(acc_t* buf, int64_t C, int activation) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int V = Vec::size();
-  if (activation == kSoftmax) {
-    Vec mx = Vec::loadu(buf);
-    for (int64_t k = 1; k < C; ++k) mx = at::vec::maximum(mx, Vec::loadu(buf + k * V));
-    Vec s(acc_t(0));
-    for (int64_t k = 0; k < C; ++k) {
-      const Vec e = vexp(Vec::loadu(buf + k * V) - mx);
-      e.store(buf + k * V);
-      s = s + e;
-    }
-    const Vec r = Vec(acc_t(1)) / s;
-    for (int64_t k = 0; k < C; ++k) (Vec::loadu(buf + k * V) * r).store(buf + k * V);
-  } else if (activation == kSigmoid) {
-    for (int64_t k = 0; k < C; ++k) {
-      sigmoid_from_exp(vexp(Vec::loadu(buf + k * V).neg())).store(buf + k * V);
-    }
-  } else if (activation == kArgmax) {
-    // per lane: the running maximum and its channel index (as acc_t, exact for any C < 2^24)
-    Vec best = Vec::loadu(buf), idx(acc_t(0));
-    for (int64_t k = 1; k < C; ++k) {
-      const Vec x = Vec::loadu(buf + k * V);
-      const Vec take = argmax_takes(x, best);
-      best = Vec::blendv(best, x, take);
-      idx = Vec::blendv(idx, Vec(acc_t(k)), take);
-    }
-    for (int64_t k = 0; k < C; ++k) idx.eq(Vec(acc_t(k))).store(buf + k * V);  // 1.0 / 0.0
-  } else if (activation == kThreshold) {
-    for (int64_t k = 0; k < C; ++k) Vec::loadu(buf + k * V).gt(Vec(acc_t(0))).store(buf + k * V);  // NaN: 0
+    for (int64_t k = 0; k < C; ++k) f(k);
   }
 }
 
-// Per-task scratch: tiles of C x V values and the per-class vector accumulators.
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> x, e, t, g, h, codes, acc;
-  // rows: accumulator rows (0: none); pixel: a pixel loss (softmax keeps d and e apart; the
-  // backward keeps the pixel loss's h next to g)
-  Scratch(int64_t C, bool need_t, bool need_g, int rows, bool pixel) {
-    constexpr int V = Vectorized<acc_t>::size();
-    x.resize(C * V);
-    codes.resize(kCpuChunk + V);
-    if (need_t) t.resize(C * V);
-    if (need_g) g.resize(C * V);
-    if (rows > 0) acc.resize(rows * C * V);
-    if (pixel) {
-      e.resize(C * V);
-      if (need_g) h.resize(C * V);
-    }
-  }
+/// kRows x C channel vectors of V pixels: a fixed array when kC > 0, else on the heap.
+template <typename acc_t, int kC, int kRows = 1>
+struct Tile : std::array<Vectorized<acc_t>, kC * kRows> {
+  explicit Tile(int64_t) {}
+};
+template <typename acc_t, int kRows>
+struct Tile<acc_t, 0, kRows> : std::vector<Vectorized<acc_t>> {
+  explicit Tile(int64_t C) : std::vector<Vectorized<acc_t>>(C * kRows) {}
 };
 
-/// Softmax of one tile for the pixel losses: z (C rows of V lanes, in x) -> d = z - max in x and
-/// e = exp(d) in e, each exp once; returns per lane r = 1/s and sm1 = s - 1 summed without the
-/// maximum's 1 (see dice_math.h).  s is summed exactly as activate_tile sums it, so p = e r is the
-/// p of the Dice-only path, bit for bit.
-template <typename acc_t>
-inline void softmax_pixel_tile(acc_t* x, acc_t* e, int64_t C, Vectorized<acc_t>& r, Vectorized<acc_t>& sm1) {
+/// x[k] = channel k of pixels [m0, m0+cnt) of one image (lanes >= cnt: 0).  Full vectors of
+/// pixel-contiguous input go straight to registers; the rest through ``stage`` (C x V).
+template <typename scalar_t, typename acc_t, int kC>
+DICE_INLINE void load_channels(const scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, acc_t* stage,
+                               Tile<acc_t, kC>& x) {
   using Vec = Vectorized<acc_t>;
-  constexpr int V = Vec::size();
-  Vec mx = Vec::loadu(x);
-  for (int64_t k = 1; k < C; ++k) mx = at::vec::maximum(mx, Vec::loadu(x + k * V));
+  if (L.planar && cnt == Vec::size()) {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = load_vec<scalar_t, acc_t>(base + k * L.sC + m0); });
+  } else {
+    load_tile<scalar_t, acc_t>(base, L, C, m0, cnt, stage);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = Vec::loadu(stage + k * Vec::size()); });
+  }
+}
+
+/// Pixels [m0, m0+cnt) of one image = lanes [0, cnt) of g[k] (the inverse of load_channels).
+template <typename scalar_t, typename acc_t, int kC>
+DICE_INLINE void store_channels(scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, acc_t* stage,
+                                const Tile<acc_t, kC>& g) {
+  using Vec = Vectorized<acc_t>;
+  if (L.planar && cnt == Vec::size()) {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { store_vec<scalar_t, acc_t>(base + k * L.sC + m0, g[k]); });
+  } else {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { g[k].store(stage + k * Vec::size()); });
+    store_tile<scalar_t, acc_t>(base, L, C, m0, cnt, stage);
+  }
+}
+
+/// Pixel codes of one chunk, [m_begin, m_end) of image n, into codes[0 .. round_up(len, V)):
+/// label_code() of each label, or 0 for float targets; kIgnored for the padding lanes of the last
+/// vector.  Filled once per chunk in a tight loop (which the compiler vectorizes) so that the tile
+/// loop reads the codes as whole vectors.  One function per label type, called through a pointer:
+/// the tile loops do not depend on the label type.
+template <typename acc_t>
+using CodesFn = void (*)(const at::Tensor& t, int64_t n, int64_t m_begin, int64_t m_end, int64_t C,
+                         const DiceOptions& o, acc_t* codes);
+
+template <typename acc_t>
+void pad_codes(int64_t len, acc_t* codes) {
+  constexpr int V = Vectorized<acc_t>::size();
+  std::fill(codes + len, codes + (len + V - 1) / V * V, acc_t(kIgnored));
+}
+
+template <typename tgt_t, typename acc_t>
+void label_codes(const at::Tensor& t, int64_t n, int64_t m_begin, int64_t m_end, int64_t C, const DiceOptions& o,
+                 acc_t* codes) {
+  const int64_t stride = t.stride(1), len = m_end - m_begin;
+  const tgt_t* lp = t.const_data_ptr<tgt_t>() + n * t.stride(0) + m_begin * stride;
+  // has_ignore as a compile-time constant of each loop keeps the loops branch-free
+  const auto fill = [&](auto has_ignore) {
+    constexpr bool ign = decltype(has_ignore)::value;
+    if (stride == 1) {
+      for (int64_t j = 0; j < len; ++j) codes[j] = static_cast<acc_t>(label_code(lp[j], C, ign, o.ignore_index));
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        codes[j] = static_cast<acc_t>(label_code(lp[j * stride], C, ign, o.ignore_index));
+      }
+    }
+  };
+  if (o.has_ignore) {
+    fill(std::true_type{});
+  } else {
+    fill(std::false_type{});
+  }
+  pad_codes(len, codes);
+}
+
+template <typename acc_t>
+void float_target_codes(const at::Tensor&, int64_t, int64_t m_begin, int64_t m_end, int64_t, const DiceOptions&,
+                        acc_t* codes) {
+  std::fill(codes, codes + (m_end - m_begin), acc_t(0));
+  pad_codes(m_end - m_begin, codes);
+}
+
+/// In place: x -> p = activation(x), each exp computed once; hard activations write 0/1 (argmax
+/// over the channels of each lane, or x > 0).
+template <typename acc_t, int kC>
+DICE_INLINE void activate(Tile<acc_t, kC>& x, int64_t C, int activation) {
+  using Vec = Vectorized<acc_t>;
+  if (activation == kSoftmax) {
+    Vec mx = x[0];
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { mx = at::vec::maximum(mx, x[k]); });
+    Vec s(acc_t(0));
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      x[k] = vexp(x[k] - mx);
+      s = s + x[k];
+    });
+    const Vec r = Vec(acc_t(1)) / s;
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = x[k] * r; });
+  } else if (activation == kSigmoid) {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = sigmoid_from_exp(vexp(x[k].neg())); });
+  } else if (activation == kArgmax) {
+    // per lane: the running maximum and its channel index (as acc_t, exact for any C < 2^24)
+    Vec best = x[0], idx(acc_t(0));
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      const Vec take = argmax_takes(x[k], best);  // k = 0: x == best, never taken
+      best = Vec::blendv(best, x[k], take);
+      idx = Vec::blendv(idx, Vec(acc_t(k)), take);
+    });
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = idx.eq(Vec(acc_t(k))); });  // 1.0 / 0.0
+  } else if (activation == kThreshold) {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = x[k].gt(Vec(acc_t(0))); });  // NaN: 0
+  }
+}
+
+/// Softmax for the pixel losses: z (in x) -> d = z - max (in x) and e = exp(d), each exp once;
+/// returns per lane r = 1/s and sm1 = s - 1 summed without the maximum's 1 (see dice_math.h).
+/// s is summed exactly as activate() sums it, so p = e r is the p of the Dice-only path, bit for bit.
+template <typename acc_t, int kC>
+DICE_INLINE void softmax_pixel(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, int64_t C, Vectorized<acc_t>& r,
+                               Vectorized<acc_t>& sm1) {
+  using Vec = Vectorized<acc_t>;
+  Vec mx = x[0];
+  for_channels<kC>(C, [&](auto k) DICE_LAMBDA { mx = at::vec::maximum(mx, x[k]); });
   const Vec zero(acc_t(0)), one(acc_t(1));
   Vec s(acc_t(0)), below(acc_t(0)), maxima(acc_t(0));
-  for (int64_t k = 0; k < C; ++k) {
-    const Vec d = Vec::loadu(x + k * V) - mx;
-    const Vec ek = vexp(d);
-    d.store(x + k * V);
-    ek.store(e + k * V);
-    s = s + ek;
-    const Vec is_max = d == zero;  // e = exp(0) = 1 exactly there
-    below = below + Vec::blendv(ek, zero, is_max);
+  for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+    x[k] = x[k] - mx;
+    e[k] = vexp(x[k]);
+    s = s + e[k];
+    const Vec is_max = x[k] == zero;  // e = exp(0) = 1 exactly there
+    below = below + Vec::blendv(e[k], zero, is_max);
     maxima = maxima + Vec::blendv(zero, one, is_max);
-  }
+  });
   r = one / s;
   sm1 = below + (maxima - one);
 }
 
-/// Forward of one tile with a pixel loss: the Dice sums of activate_tile + the accumulation loop of
-/// forward_impl (same p, same order) and the X, L rows from the same exps.  acc: [5][C][V].
-template <typename acc_t, bool kLabels>
-inline void forward_pixel_tile(Scratch<acc_t>& s, int64_t C, int activation, int power, bool focal,
-                               const FocalGamma& fg, const Vectorized<acc_t>& code,
-                               const Vectorized<acc_t>& valid, acc_t* acc) {
+/// Forward of one vector of pixels: p = activation(x) and the rows I, P, T (and, with a pixel
+/// loss, X = sum t e and L = sum e from the same exps) added into acc ([rows][C] vectors).
+/// Ignored pixels are selected away (never multiplied by 0, so NaN/inf there changes nothing).
+template <typename acc_t, bool kLabels, int kC>
+DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Tile<acc_t, kC>& t,
+                                Tile<acc_t, kC, 5>& acc, int64_t C_, const DiceOptions& o, const FocalGamma& fg,
+                                const Vectorized<acc_t>& code, const Vectorized<acc_t>& valid) {
+  const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
   using Vec = Vectorized<acc_t>;
   using VM = VecMath<acc_t>;
-  constexpr int V = Vec::size();
   const Vec zero(acc_t(0));
-  const auto target = [&](int64_t k) {
+  const int power = o.power;
+  const bool focal = o.pixel_loss == kPixelFocal;
+  const auto target = [&](auto k) DICE_LAMBDA {
     if constexpr (kLabels) {
       return code.eq(Vec(acc_t(k)));
     } else {
-      return Vec::loadu(s.t.data() + k * V);
+      return t[k];
     }
   };
-  const auto add = [&](int row, int64_t k, const Vec& v) {
-    acc_t* a = acc + (row * C + k) * V;
-    (Vec::loadu(a) + v).store(a);
-  };
-  const auto dice = [&](int64_t k, const Vec& p_raw, const Vec& tk) {
+  const auto dice = [&](auto k, const Vec& p_raw, const Vec& tk) DICE_LAMBDA {
     const Vec p = Vec::blendv(zero, p_raw, valid);
-    add(0, k, p * tk);
-    add(1, k, pow_q(p, power));
-    add(2, k, pow_q(tk, power));
+    acc[k] = acc[k] + p * tk;
+    acc[C + k] = acc[C + k] + pow_q(p, power);
+    acc[2 * C + k] = acc[2 * C + k] + pow_q(tk, power);
   };
-  const auto pixel = [&](int64_t k, const Vec& term_raw, const Vec& tk) {
-    const Vec term = Vec::blendv(zero, term_raw, valid);  // ignored pixels: selected away
-    add(3, k, target_times<VM>(tk, term));
-    add(4, k, term);
+  const auto pixel = [&](auto k, const Vec& term_raw, const Vec& tk) DICE_LAMBDA {
+    const Vec term = Vec::blendv(zero, term_raw, valid);
+    acc[3 * C + k] = acc[3 * C + k] + target_times<VM>(tk, term);
+    acc[4 * C + k] = acc[4 * C + k] + term;
   };
-  if (activation == kSoftmax) {
+  if (o.pixel_loss == kPixelNone) {
+    activate(x, C, o.activation);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], target(k)); });
+  } else if (o.activation == kSoftmax) {
     Vec r, sm1;
-    softmax_pixel_tile(s.x.data(), s.e.data(), C, r, sm1);
+    softmax_pixel(x, e, C, r, sm1);
     const Vec ls = sm1.log1p();  // log s: one log per pixel
-    for (int64_t k = 0; k < C; ++k) {
-      const Vec d = Vec::loadu(s.x.data() + k * V), e = Vec::loadu(s.e.data() + k * V);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       const Vec tk = target(k);
-      dice(k, e * r, tk);
-      const Vec ce = softmax_ce_term(ls, d);
-      pixel(k, focal ? softmax_focal_term<VM>(softmax_one_minus_p(sm1, e, r), ce, fg) : ce, tk);
-    }
+      dice(k, e[k] * r, tk);
+      const Vec ce = softmax_ce_term(ls, x[k]);
+      pixel(k, focal ? softmax_focal_term<VM>(softmax_one_minus_p(sm1, e[k], r), ce, fg) : ce, tk);
+    });
   } else {  // sigmoid
-    for (int64_t k = 0; k < C; ++k) {
-      const Vec z = Vec::loadu(s.x.data() + k * V);
-      const Vec e = vexp(z.neg());
-      const Vec p = sigmoid_from_exp(e);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      const Vec z = x[k];
+      const Vec ez = vexp(z.neg());
+      const Vec p = sigmoid_from_exp(ez);
       const Vec tk = target(k);
       dice(k, p, tk);
       Vec pm, sp;
-      sigmoid_softplus<VM>(z, e, p, pm, sp);
+      sigmoid_softplus<VM>(z, ez, p, pm, sp);
       Vec term = bce_term<VM>(sp, tk, z);
       if (focal) {
         Vec a, c;
@@ -341,72 +400,82 @@ inline void forward_pixel_tile(Scratch<acc_t>& s, int64_t C, int activation, int
         term = pow_gamma<VM>(a, fg) * term;
       }
       pixel(k, term, tk);
-    }
+    });
   }
 }
 
-/// Backward of one tile with a pixel loss: dL/dz of the Dice rows (as backward_impl) plus the pixel
-/// rows' with w = gX t + gL; writes the tile's gradient into s.g (ignored pixels exactly 0).
-/// grad: this image's (5, C) rows.
-template <typename acc_t, bool kLabels>
-inline void backward_pixel_tile(Scratch<acc_t>& s, int64_t C, int activation, int power, bool focal,
-                                const FocalGamma& fg, const Vectorized<acc_t>& code,
-                                const Vectorized<acc_t>& valid, const acc_t* grad) {
+/// Backward of one vector of pixels: g = dL/dz of the Dice rows (dL/dp = gI t + gP q p^(q-1)
+/// through the activation's Jacobian) plus, with a pixel loss, the pixel rows' (w = gX t + gL).
+/// Ignored pixels get exactly 0.  grad: this image's (rows, C).
+template <typename acc_t, bool kLabels, int kC>
+DICE_INLINE void backward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Tile<acc_t, kC>& t,
+                                 Tile<acc_t, kC>& g, Tile<acc_t, kC>& h, int64_t C_, const DiceOptions& o,
+                                 const FocalGamma& fg, const acc_t* grad, const Vectorized<acc_t>& code,
+                                 const Vectorized<acc_t>& valid) {
+  const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
   using Vec = Vectorized<acc_t>;
   using VM = VecMath<acc_t>;
-  constexpr int V = Vec::size();
   const Vec zero(acc_t(0));
+  const int power = o.power, activation = o.activation;
+  const bool focal = o.pixel_loss == kPixelFocal;
   const acc_t *g_i = grad, *g_p = grad + C, *g_x = grad + 3 * C, *g_l = grad + 4 * C;
-  const auto target = [&](int64_t k) {
+  const auto target = [&](auto k) DICE_LAMBDA {
     if constexpr (kLabels) {
       return code.eq(Vec(acc_t(k)));
     } else {
-      return Vec::loadu(s.t.data() + k * V);
+      return t[k];
     }
   };
-  if (activation == kSoftmax) {
+  if (o.pixel_loss == kPixelNone) {
+    activate(x, C, activation);
+    Vec dot(acc_t(0));
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      g[k] = grad_p(Vec(g_i[k]), Vec(g_p[k]), target(k), x[k], power);
+      if (activation == kSoftmax) dot = dot + x[k] * g[k];
+    });
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      Vec dz = g[k];
+      if (activation == kSoftmax) {
+        dz = softmax_dz(x[k], g[k], dot);
+      } else if (activation == kSigmoid) {
+        dz = sigmoid_dz(x[k], g[k]);
+      }
+      g[k] = Vec::blendv(zero, dz, valid);  // exactly 0 when ignored
+    });
+  } else if (activation == kSoftmax) {
     // dz_j = p_j (g_j - sum_k p_k g_k) + h_j - p_j sum_k h_k = p_j (g_j - (dot + hsum)) + h_j, with
     // h = -w (ce) or softmax_focal_h (focal)
     Vec r, sm1;
-    softmax_pixel_tile(s.x.data(), s.e.data(), C, r, sm1);
+    softmax_pixel(x, e, C, r, sm1);
     const Vec ls = focal ? sm1.log1p() : zero;
     Vec dot(acc_t(0)), hsum(acc_t(0));
-    for (int64_t k = 0; k < C; ++k) {
-      const Vec e = Vec::loadu(s.e.data() + k * V);
-      const Vec p = e * r;
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      const Vec p = e[k] * r;
       const Vec tk = target(k);
-      const Vec g = grad_p(Vec(g_i[k]), Vec(g_p[k]), tk, p, power);
+      g[k] = grad_p(Vec(g_i[k]), Vec(g_p[k]), tk, p, power);
       const Vec w = pixel_weight(Vec(g_x[k]), Vec(g_l[k]), tk);
-      Vec h;
-      if (focal) {
-        const Vec d = Vec::loadu(s.x.data() + k * V);
-        h = softmax_focal_h<VM>(w, p, softmax_one_minus_p(sm1, e, r), softmax_ce_term(ls, d), fg);
-      } else {
-        h = w.neg();
-      }
-      g.store(s.g.data() + k * V);
-      h.store(s.h.data() + k * V);
-      dot = dot + p * g;
-      hsum = hsum + h;
-    }
+      h[k] = focal ? softmax_focal_h<VM>(w, p, softmax_one_minus_p(sm1, e[k], r), softmax_ce_term(ls, x[k]), fg)
+                   : w.neg();
+      dot = dot + p * g[k];
+      hsum = hsum + h[k];
+    });
     const Vec total = dot + hsum;
-    for (int64_t k = 0; k < C; ++k) {
-      const Vec p = Vec::loadu(s.e.data() + k * V) * r;
-      const Vec dz = softmax_dz(p, Vec::loadu(s.g.data() + k * V), total) + Vec::loadu(s.h.data() + k * V);
-      Vec::blendv(zero, dz, valid).store(s.g.data() + k * V);  // exactly 0 when ignored
-    }
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      const Vec dz = softmax_dz(e[k] * r, g[k], total) + h[k];
+      g[k] = Vec::blendv(zero, dz, valid);  // exactly 0 when ignored
+    });
   } else {  // sigmoid
     const Vec gamma(static_cast<acc_t>(fg.gamma));
-    for (int64_t k = 0; k < C; ++k) {
-      const Vec z = Vec::loadu(s.x.data() + k * V);
-      const Vec e = vexp(z.neg());
-      const Vec p = sigmoid_from_exp(e);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      const Vec z = x[k];
+      const Vec ez = vexp(z.neg());
+      const Vec p = sigmoid_from_exp(ez);
       const Vec tk = target(k);
       Vec dz = sigmoid_dz(p, grad_p(Vec(g_i[k]), Vec(g_p[k]), tk, p, power));
       const Vec w = pixel_weight(Vec(g_x[k]), Vec(g_l[k]), tk);
       if (focal && fg.mode != 0) {
         Vec pm, sp, a, c;
-        sigmoid_softplus<VM>(z, e, p, pm, sp);
+        sigmoid_softplus<VM>(z, ez, p, pm, sp);
         const Vec b = bce_term<VM>(sp, tk, z);
         if (kLabels || all_binary(tk)) {
           sigmoid_focal_binary<VM>(tk == Vec(acc_t(1)), p, pm, a, c);
@@ -417,141 +486,138 @@ inline void backward_pixel_tile(Scratch<acc_t>& s, int64_t C, int activation, in
       } else {  // cross-entropy (and focal with gamma = 0)
         dz = dz + sigmoid_ce_dz(w, p, tk);
       }
-      Vec::blendv(zero, dz, valid).store(s.g.data() + k * V);  // exactly 0 when ignored
-    }
+      g[k] = Vec::blendv(zero, dz, valid);  // exactly 0 when ignored
+    });
   }
 }
 
-template <typename scalar_t, typename tgt_t, bool kLabels>
-void forward_impl(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o, at::Tensor& partial) {
-  using acc_t = acc_type<scalar_t>;
+/// One forward task: pixels [m_begin, m_end) of one image -> its (rows, C) partial sums in dst
+/// (each the lane-order sum of its vector accumulator).
+template <typename scalar_t, bool kLabels, int kC, typename acc_t = acc_type<scalar_t>>
+void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, const Layout& Lt,
+                                int64_t C_, int64_t m_begin, int64_t m_end, const acc_t* codes, acc_t* stage,
+                                const DiceOptions& o, const FocalGamma& fg, acc_t* dst) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
-  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
-  const int64_t nchunks = partial.size(1);
-  const Layout Lx = layout_of(x);
-  const Layout Lt = kLabels ? Layout{t.stride(0), 0, t.stride(1), false} : layout_of(t);
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const tgt_t* tp = t.const_data_ptr<tgt_t>();
-  acc_t* out = partial.mutable_data_ptr<acc_t>();
-  const int power = o.power;
-
+  const int64_t C = kC > 0 ? kC : C_;
   const int rows = o.rows();
-  const bool pixel = o.pixel_loss != kPixelNone, focal = o.pixel_loss == kPixelFocal;
+  Tile<acc_t, kC> x(C), e(C), t(kLabels ? 0 : C);
+  Tile<acc_t, kC, 5> acc(C);
+  for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA { acc[j] = Vec(acc_t(0)); });
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
+    load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
+    if constexpr (!kLabels) load_channels<scalar_t, acc_t, kC>(tb, Lt, C, m0, cnt, stage, t);
+    const Vec code = Vec::loadu(codes + (m0 - m_begin));
+    const Vec valid = code != Vec(acc_t(kIgnored));  // all-ones lanes for counted pixels
+    forward_vector<acc_t, kLabels, kC>(x, e, t, acc, C, o, fg, code, valid);
+  }
+  for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA {
+    if (j >= rows * C) return;  // kC > 0: the rows a Dice-only loss does not have
+    alignas(64) acc_t lanes[V];
+    acc[j].store(lanes);
+    acc_t sum = 0;
+    for (int l = 0; l < V; ++l) sum += lanes[l];
+    dst[j] = sum;
+  });
+}
+
+/// One backward task: the gradient of pixels [m_begin, m_end) of one image into ob.
+template <typename scalar_t, bool kLabels, int kC, typename acc_t = acc_type<scalar_t>>
+void backward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, const Layout& Lt,
+                                 scalar_t* ob, const Layout& Lg, int64_t C_, int64_t m_begin, int64_t m_end,
+                                 const acc_t* codes, acc_t* stage, const DiceOptions& o, const FocalGamma& fg,
+                                 const acc_t* grad) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int V = Vec::size();
+  const int64_t C = kC > 0 ? kC : C_;
+  const bool pixel = o.pixel_loss != kPixelNone;
+  Tile<acc_t, kC> x(C), e(pixel ? C : 0), t(kLabels ? 0 : C), g(C), h(pixel ? C : 0);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
+    load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
+    if constexpr (!kLabels) load_channels<scalar_t, acc_t, kC>(tb, Lt, C, m0, cnt, stage, t);
+    const Vec code = Vec::loadu(codes + (m0 - m_begin));
+    const Vec valid = code != Vec(acc_t(kIgnored));
+    backward_vector<acc_t, kLabels, kC>(x, e, t, g, h, C, o, fg, grad, code, valid);
+    store_channels<scalar_t, acc_t, kC>(ob, Lg, C, m0, cnt, stage, g);
+  }
+}
+
+template <typename scalar_t, bool kLabels, int kC>
+void forward_impl(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o, CodesFn<acc_type<scalar_t>> codes_fn,
+                  at::Tensor& partial) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int V = Vectorized<acc_t>::size();
+  const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
+  const int64_t nchunks = partial.size(1), rows = o.rows();
+  const Layout Lx = layout_of(x);
+  const Layout Lt = kLabels ? Layout{} : layout_of(t);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* tp = kLabels ? nullptr : t.const_data_ptr<scalar_t>();
+  acc_t* out = partial.mutable_data_ptr<acc_t>();
   const FocalGamma fg = focal_gamma(o.gamma);
 
   at::parallel_for(0, N * nchunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> s(C, !kLabels, false, rows, pixel);
-    acc_t* acc = s.acc.data();  // [rows][C][V]: I, P, T (, X, L)
+    std::vector<acc_t> codes(kCpuChunk + V), stage(C * V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nchunks, chunk = task % nchunks;
       const int64_t m_begin = chunk * kCpuChunk, m_end = std::min(M, m_begin + kCpuChunk);
-      chunk_codes<tgt_t, kLabels, acc_t>(tp + n * Lt.sN, Lt.sM, m_begin, m_end, C, o, s.codes.data());
-      std::fill(s.acc.begin(), s.acc.end(), acc_t(0));
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
-        const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
-        load_tile<scalar_t, acc_t>(xp + n * Lx.sN, Lx, C, m0, cnt, s.x.data());
-        if constexpr (!kLabels) load_tile<tgt_t, acc_t>(tp + n * Lt.sN, Lt, C, m0, cnt, s.t.data());
-        const Vec code = Vec::loadu(s.codes.data() + (m0 - m_begin));
-        // all-ones lanes for counted pixels: ignored ones are selected away (never multiplied by 0,
-        // so NaN/inf there changes nothing)
-        const Vec valid = code != Vec(acc_t(kIgnored));
-        if (pixel) {
-          forward_pixel_tile<acc_t, kLabels>(s, C, o.activation, power, focal, fg, code, valid, acc);
-          continue;
-        }
-        activate_tile(s.x.data(), C, o.activation);
-        for (int64_t k = 0; k < C; ++k) {
-          const Vec p = Vec::blendv(Vec(acc_t(0)), Vec::loadu(s.x.data() + k * V), valid);
-          Vec tk;
-          if constexpr (kLabels) {
-            tk = code.eq(Vec(acc_t(k)));
-          } else {
-            tk = Vec::loadu(s.t.data() + k * V);
-          }
-          acc_t* a = acc + k * V;
-          (Vec::loadu(a) + p * tk).store(a);
-          (Vec::loadu(a + C * V) + pow_q(p, power)).store(a + C * V);
-          (Vec::loadu(a + 2 * C * V) + pow_q(tk, power)).store(a + 2 * C * V);
-        }
-      }
-      // Horizontal sums in lane order: (rows, C) partial of this task.
-      acc_t* dst = out + task * rows * C;
-      for (int64_t j = 0; j < rows * C; ++j) {
-        acc_t sum = 0;
-        for (int l = 0; l < V; ++l) sum += acc[j * V + l];
-        dst[j] = sum;
-      }
+      codes_fn(t, n, m_begin, m_end, C, o, codes.data());
+      forward_chunk<scalar_t, kLabels, kC>(xp + n * Lx.sN, Lx, kLabels ? nullptr : tp + n * Lt.sN, Lt, C, m_begin,
+                                           m_end, codes.data(), stage.data(), o, fg, out + task * rows * C);
     }
   });
 }
 
-template <typename scalar_t, typename tgt_t, bool kLabels>
+template <typename scalar_t, bool kLabels, int kC>
 void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const DiceOptions& o,
-                   at::Tensor& gx) {
+                   CodesFn<acc_type<scalar_t>> codes_fn, at::Tensor& gx) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int V = Vec::size();
+  constexpr int V = Vectorized<acc_t>::size();
   const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
-  const int64_t nchunks = (M + kCpuChunk - 1) / kCpuChunk;
+  const int64_t nchunks = (M + kCpuChunk - 1) / kCpuChunk, rows = o.rows();
   const Layout Lx = layout_of(x), Lg = layout_of(gx);
-  const Layout Lt = kLabels ? Layout{t.stride(0), 0, t.stride(1), false} : layout_of(t);
+  const Layout Lt = kLabels ? Layout{} : layout_of(t);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const tgt_t* tp = t.const_data_ptr<tgt_t>();
+  const scalar_t* tp = kLabels ? nullptr : t.const_data_ptr<scalar_t>();
   const acc_t* gp = grad.const_data_ptr<acc_t>();  // (N, rows, C) contiguous
   scalar_t* op = gx.mutable_data_ptr<scalar_t>();
-  const int power = o.power, activation = o.activation, rows = o.rows();
-  const bool pixel = o.pixel_loss != kPixelNone, focal = o.pixel_loss == kPixelFocal;
   const FocalGamma fg = focal_gamma(o.gamma);
 
   at::parallel_for(0, N * nchunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> s(C, !kLabels, true, 0, pixel);
+    std::vector<acc_t> codes(kCpuChunk + V), stage(C * V);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nchunks, chunk = task % nchunks;
       const int64_t m_begin = chunk * kCpuChunk, m_end = std::min(M, m_begin + kCpuChunk);
-      chunk_codes<tgt_t, kLabels, acc_t>(tp + n * Lt.sN, Lt.sM, m_begin, m_end, C, o, s.codes.data());
-      const acc_t* g_i = gp + n * rows * C;
-      const acc_t* g_p = g_i + C;
-      for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
-        const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
-        load_tile<scalar_t, acc_t>(xp + n * Lx.sN, Lx, C, m0, cnt, s.x.data());
-        if constexpr (!kLabels) load_tile<tgt_t, acc_t>(tp + n * Lt.sN, Lt, C, m0, cnt, s.t.data());
-        const Vec code = Vec::loadu(s.codes.data() + (m0 - m_begin));
-        const Vec valid = code != Vec(acc_t(kIgnored));  // all-ones lanes for counted pixels
-        if (pixel) {
-          backward_pixel_tile<acc_t, kLabels>(s, C, activation, power, focal, fg, code, valid, g_i);
-          store_tile<scalar_t, acc_t>(op + n * Lg.sN, Lg, C, m0, cnt, s.g.data());
-          continue;
-        }
-        activate_tile(s.x.data(), C, activation);
-        Vec dot(acc_t(0));
-        for (int64_t k = 0; k < C; ++k) {
-          const Vec p = Vec::loadu(s.x.data() + k * V);
-          Vec tk;
-          if constexpr (kLabels) {
-            tk = code.eq(Vec(acc_t(k)));
-          } else {
-            tk = Vec::loadu(s.t.data() + k * V);
-          }
-          const Vec g = grad_p(Vec(g_i[k]), Vec(g_p[k]), tk, p, power);
-          g.store(s.g.data() + k * V);
-          if (activation == kSoftmax) dot = dot + p * g;
-        }
-        for (int64_t k = 0; k < C; ++k) {
-          const Vec p = Vec::loadu(s.x.data() + k * V);
-          const Vec g = Vec::loadu(s.g.data() + k * V);
-          Vec dz = g;
-          if (activation == kSoftmax) {
-            dz = softmax_dz(p, g, dot);
-          } else if (activation == kSigmoid) {
-            dz = sigmoid_dz(p, g);
-          }
-          Vec::blendv(Vec(acc_t(0)), dz, valid).store(s.g.data() + k * V);  // exactly 0 when ignored
-        }
-        store_tile<scalar_t, acc_t>(op + n * Lg.sN, Lg, C, m0, cnt, s.g.data());
-      }
+      codes_fn(t, n, m_begin, m_end, C, o, codes.data());
+      backward_chunk<scalar_t, kLabels, kC>(xp + n * Lx.sN, Lx, kLabels ? nullptr : tp + n * Lt.sN, Lt,
+                                            op + n * Lg.sN, Lg, C, m_begin, m_end, codes.data(), stage.data(), o, fg,
+                                            gp + n * rows * C);
     }
   });
+}
+
+/// IMPL<scalar_t, kLabels, kC>(codes_fn) for the target's kind: float targets and C > kMaxFixedC
+/// (or double) take kC = 0; label targets are read only by their codes function.
+template <typename scalar_t, typename F>
+void dispatch_target(const at::Tensor& t, int64_t C, F&& impl) {
+  using acc_t = acc_type<scalar_t>;
+  if (t.is_floating_point()) {
+    impl(std::false_type{}, std::integral_constant<int, 0>{}, &float_target_codes<acc_t>);
+    return;
+  }
+  const CodesFn<acc_t> fn = t.scalar_type() == at::kLong  ? &label_codes<int64_t, acc_t>
+                            : t.scalar_type() == at::kInt ? &label_codes<int32_t, acc_t>
+                                                          : &label_codes<uint8_t, acc_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    bool done = false;
+    [&]<int... c>(std::integer_sequence<int, c...>) {
+      ((C == c + 1 ? (impl(std::true_type{}, std::integral_constant<int, c + 1>{}, fn), done = true) : false), ...);
+    }(std::make_integer_sequence<int, kMaxFixedC>{});
+    if (done) return;
+  }
+  impl(std::true_type{}, std::integral_constant<int, 0>{}, fn);
 }
 
 at::Tensor forward(const at::Tensor& x_in, const at::Tensor& t_in, const DiceOptions& o) {
@@ -563,7 +629,9 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& t_in, const DiceOpt
   const int64_t rows = o.rows();
   at::Tensor partial = at::empty({N, nchunks, rows, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_forward_cpu", [&] {
-    DICE_DISPATCH_TARGET(t, forward_impl, x, t, o, partial);
+    dispatch_target<scalar_t>(t, C, [&](auto labels, auto kc, auto codes_fn) {
+      forward_impl<scalar_t, decltype(labels)::value, decltype(kc)::value>(x, t, o, codes_fn, partial);
+    });
   });
   // Fixed-order second stage: chunk 0, 1, 2, ... of each image (not at::sum, whose order may
   // depend on the number of threads).
@@ -589,7 +657,9 @@ at::Tensor backward(const at::Tensor& grad, const at::Tensor& x_in, const at::Te
   at::Tensor gx = x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
                                                    : at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_backward_cpu", [&] {
-    DICE_DISPATCH_TARGET(t, backward_impl, grad, x, t, o, gx);
+    dispatch_target<scalar_t>(t, x.size(1), [&](auto labels, auto kc, auto codes_fn) {
+      backward_impl<scalar_t, decltype(labels)::value, decltype(kc)::value>(grad, x, t, o, codes_fn, gx);
+    });
   });
   return gx;
 }
