@@ -336,13 +336,46 @@ DICE_INLINE void softmax_pixel(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, int64_t C
   sm1 = below + (maxima - one);
 }
 
+/// Softmax cross-entropy with label targets in the fixed-C copies: -log p_k = log s - d_k, so the
+/// pixel rows split into X_k = sum_{label k} log s + sum_{label k} (-d_k) and L_k = sum log s +
+/// sum (-d_k) (no cancellation: every part is >= 0).  The sums of log s are kept as running
+/// products, a = prod (1 + sm1) - 1 updated as a + sm1 + a sm1 (so confident pixels, sm1 ~ 0, keep
+/// their digits), per class and over all counted pixels; forward_chunk takes their log1p every
+/// kLogEvery vectors.  One log1p per kLogEvery vectors and class instead of one per pixel.  With
+/// s <= C <= 8, (1 + a) <= 8^16 = 2^48 between two logs: far from overflow.
+constexpr int kLogEvery = 16;
+static_assert(kMaxFixedC <= 8, "kLogEvery is sized for s <= 8");
+
+template <typename acc_t, int kC>
+struct LogProducts {
+  using Vec = Vectorized<acc_t>;
+  Tile<acc_t, kC> a, log;  // per class: running product - 1, sum of its logs
+  Vec a_all, log_all;      // the same over every counted pixel
+  explicit LogProducts(int64_t C) : a(C), log(C), a_all(acc_t(0)), log_all(acc_t(0)) {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      a[k] = Vec(acc_t(0));
+      log[k] = Vec(acc_t(0));
+    });
+  }
+  DICE_INLINE static void mul(Vec& a, const Vec& sm1) { a = at::vec::fmadd(a, sm1, a + sm1); }
+  DICE_INLINE void flush(int64_t C) {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      log[k] = log[k] + a[k].log1p();
+      a[k] = Vec(acc_t(0));
+    });
+    log_all = log_all + a_all.log1p();
+    a_all = Vec(acc_t(0));
+  }
+};
+
 /// Forward of one vector of pixels: p = activation(x) and the rows I, P, T (and, with a pixel
 /// loss, X = sum t e and L = sum e from the same exps) added into acc ([rows][C] vectors).
 /// Ignored pixels are selected away (never multiplied by 0, so NaN/inf there changes nothing).
 template <typename acc_t, bool kLabels, int kC>
 DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Tile<acc_t, kC>& t,
-                                Tile<acc_t, kC, 5>& acc, int64_t C_, const DiceOptions& o, const FocalGamma& fg,
-                                const Vectorized<acc_t>& code, const Vectorized<acc_t>& valid) {
+                                Tile<acc_t, kC, 5>& acc, LogProducts<acc_t, kC>& lp, int64_t C_,
+                                const DiceOptions& o, const FocalGamma& fg, const Vectorized<acc_t>& code,
+                                const Vectorized<acc_t>& valid) {
   const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
   using Vec = Vectorized<acc_t>;
   using VM = VecMath<acc_t>;
@@ -373,6 +406,20 @@ DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Ti
   } else if (o.activation == kSoftmax) {
     Vec r, sm1;
     softmax_pixel(x, e, C, r, sm1);
+    if constexpr (kLabels && kC > 0) {
+      if (!focal) {  // cross-entropy: log s through the running products (see LogProducts)
+        lp.mul(lp.a_all, sm1 & valid);  // ignored pixels: a factor 1
+        for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+          const Vec is_k = code == Vec(acc_t(k));  // lane mask
+          dice(k, e[k] * r, code.eq(Vec(acc_t(k))));
+          lp.mul(lp.a[k], sm1 & is_k);
+          const Vec nd = x[k].neg() & valid;  // -d_k >= 0 (+inf for a -inf logit)
+          acc[3 * C + k] = acc[3 * C + k] + (nd & is_k);
+          acc[4 * C + k] = acc[4 * C + k] + nd;
+        });
+        return;
+      }
+    }
     const Vec ls = sm1.log1p();  // log s: one log per pixel
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       const Vec tk = target(k);
@@ -504,22 +551,43 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   Tile<acc_t, kC> x(C), e(C), t(kLabels ? 0 : C);
   Tile<acc_t, kC, 5> acc(C);
   for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA { acc[j] = Vec(acc_t(0)); });
+  LogProducts<acc_t, kC> lp(kC > 0 ? C : 0);  // only the fixed-C copies use it
+  int64_t vectors = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
     load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
     if constexpr (!kLabels) load_channels<scalar_t, acc_t, kC>(tb, Lt, C, m0, cnt, stage, t);
     const Vec code = Vec::loadu(codes + (m0 - m_begin));
     const Vec valid = code != Vec(acc_t(kIgnored));  // all-ones lanes for counted pixels
-    forward_vector<acc_t, kLabels, kC>(x, e, t, acc, C, o, fg, code, valid);
+    forward_vector<acc_t, kLabels, kC>(x, e, t, acc, lp, C, o, fg, code, valid);
+    if constexpr (kC > 0) {
+      if (++vectors % kLogEvery == 0) lp.flush(C);
+    }
   }
-  for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA {
-    if (j >= rows * C) return;  // kC > 0: the rows a Dice-only loss does not have
+  const auto hsum = [](const Vec& v) DICE_LAMBDA {  // lane order
     alignas(64) acc_t lanes[V];
-    acc[j].store(lanes);
+    v.store(lanes);
     acc_t sum = 0;
     for (int l = 0; l < V; ++l) sum += lanes[l];
-    dst[j] = sum;
+    return sum;
+  };
+  for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA {
+    if (j >= rows * C) return;  // kC > 0: the rows a Dice-only loss does not have
+    dst[j] = hsum(acc[j]);
   });
+  if constexpr (kC > 0) {
+    if (rows == 5) {  // the log s parts of the pixel rows (0 unless LogProducts was used)
+      lp.flush(C);
+      const acc_t log_all = hsum(lp.log_all);
+      // a NaN logit at a counted pixel makes every class's X NaN, as t e = 0 * NaN does in the
+      // reference: log_all is then NaN, else finite (0 * log_all = 0)
+      const acc_t nan_spread = log_all * acc_t(0);
+      for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+        dst[3 * C + k] += hsum(lp.log[k]) + nan_spread;
+        dst[4 * C + k] += log_all;
+      });
+    }
+  }
 }
 
 /// One backward task: the gradient of pixels [m_begin, m_end) of one image into ob.
