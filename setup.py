@@ -78,6 +78,12 @@ def _extension_build():
         define_macros = [("DICETORCH_CPU_X86", "1")]
     cxx = ["-O3", "-g0", "-Wno-unknown-pragmas"]  # -g0: no debug info (smaller .so, faster build)
     kwargs = {}
+    link = []
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        # at::parallel_for is a header template: without _OPENMP it runs the whole range on the
+        # calling thread.  The DT_NEEDED libgomp.so.1 resolves to the copy torch already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
@@ -93,7 +99,7 @@ def _extension_build():
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
         ext_cls = cpp_extension.CppExtension
-    ext = ext_cls("dicetorch._C", sources, define_macros=define_macros, **kwargs)
+    ext = ext_cls("dicetorch._C", sources, define_macros=define_macros, extra_link_args=link, **kwargs)
 
     class BuildExt(cpp_extension.BuildExtension):
         """BuildExtension (ninja) that also builds the per-capability CPU kernels and saves the

@@ -6,7 +6,10 @@ be there, and with nvcc and a CUDA build of torch the CUDA kernels too.
 """
 import os
 import shutil
+import subprocess
+import sys
 
+import pytest
 import torch
 
 from dicetorch import ops
@@ -27,3 +30,19 @@ def test_extension_built_with_what_the_machine_offers():
         assert ops.resolve_backend("auto", torch.device("cpu")) == "cpu"
     if _nvcc_available() and os.environ.get("DICETORCH_CUDA") != "0":
         assert info["cuda"], f"nvcc is available but dicetorch._C has no CUDA kernels: {info}"
+
+
+def test_cpu_kernels_run_in_parallel():
+    """at::parallel_for splits the CPU kernels over torch's threads only when the extension is
+    compiled with OpenMP (a header template; without _OPENMP it runs serially): the built library
+    must need the OpenMP runtime whenever torch's own parallel backend is OpenMP."""
+    info = ops.extension_info()
+    if not info["loaded"]:
+        pytest.skip("no compiled extension in this installation (DICETORCH_NO_EXT=1)")
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's parallel backend here is not OpenMP")
+    readelf = shutil.which("readelf")
+    assert readelf, "readelf (binutils) is needed to inspect the built library"
+    import dicetorch._C as ext
+    dynamic = subprocess.run([readelf, "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in dynamic, f"dicetorch._C is not linked with OpenMP:\n{dynamic}"
