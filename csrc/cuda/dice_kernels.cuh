@@ -494,6 +494,37 @@ __device__ __forceinline__ void group_reduce(T (&v)[NP], int G, T (*red)[NP], Op
   }
 }
 
+/// The softmax maximum of each pixel of the tile, over the group's lanes; with a.ext_norm (chunked
+/// launches) max and 1/sum come from norm[n*M + m] = (max, 1/sum) instead (computed by
+/// pixel_norm_kernel over all channels).  Returns whether they did.
+template <bool kWide, typename acc_t, typename TileT, int NCH, int NP>
+__device__ __forceinline__ bool pixel_max(const TileT& tl, const acc_t (&v)[NCH][NP], int64_t step, int64_t n,
+                                          const Args& a, const acc_t* __restrict__ norm, acc_t (*red)[NP],
+                                          acc_t (&mx)[NP], acc_t (&inv)[NP]) {
+  bool ext = false;
+  if constexpr (kWide) ext = a.ext_norm;
+  if (ext) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t m = tl.pixel(step, j);
+      mx[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2) : acc_t(0);
+      inv[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2 + 1) : acc_t(0);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) mx[j] = -static_cast<acc_t>(INFINITY);
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      if (tl.channel(c) < a.C) {
+#pragma unroll
+        for (int j = 0; j < NP; ++j) mx[j] = dmax(mx[j], v[c][j]);
+      }
+    }
+    group_reduce<kWide>(mx, tl.G, red, MaxOp());
+  }
+  return ext;
+}
+
 /// In place: x -> p = activation(x) for the tile.  Softmax: the normaliser (max, 1/sum) once per
 /// pixel over the group's lanes, one exp per element (or, with a.ext_norm, the normaliser of each
 /// pixel from norm[n*M + m] = (max, 1/sum), computed by pixel_norm_kernel over all channels).
@@ -503,27 +534,7 @@ __device__ __forceinline__ void activate(const TileT& tl, acc_t (&v)[NCH][NP], i
                                          acc_t (*red_sum)[NP]) {
   if (a.activation == kSoftmax) {
     acc_t mx[NP], inv[NP];
-    bool ext = false;
-    if constexpr (kWide) ext = a.ext_norm;
-    if (ext) {
-#pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        const int64_t m = tl.pixel(step, j);
-        mx[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2) : acc_t(0);
-        inv[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2 + 1) : acc_t(0);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < NP; ++j) mx[j] = -static_cast<acc_t>(INFINITY);
-#pragma unroll
-      for (int c = 0; c < NCH; ++c) {
-        if (tl.channel(c) < a.C) {
-#pragma unroll
-          for (int j = 0; j < NP; ++j) mx[j] = dmax(mx[j], v[c][j]);
-        }
-      }
-      group_reduce<kWide>(mx, tl.G, red_max, MaxOp());
-    }
+    const bool ext = pixel_max<kWide>(tl, v, step, n, a, norm, red_max, mx, inv);
     // exp(x - max): -inf channels give 0 (max is finite unless every channel is -inf, when the
     // pixel is NaN as in torch.softmax); a NaN channel makes the pixel's sum, so every p, NaN.
     acc_t s[NP];
@@ -657,27 +668,7 @@ __device__ __forceinline__ void softmax_pixel(const TileT& tl, acc_t (&v)[NCH][N
                                               bool need_sm1, acc_t (*red_a)[NP], acc_t (*red_b)[NP],
                                               acc_t (&inv)[NP], acc_t (&sm1)[NP]) {
   acc_t mx[NP];
-  bool ext = false;
-  if constexpr (kWide) ext = a.ext_norm;
-  if (ext) {
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int64_t m = tl.pixel(step, j);
-      mx[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2) : acc_t(0);
-      inv[j] = m < a.M ? ldg1(norm + (n * a.M + m) * 2 + 1) : acc_t(0);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < NP; ++j) mx[j] = -static_cast<acc_t>(INFINITY);
-#pragma unroll
-    for (int c = 0; c < NCH; ++c) {
-      if (tl.channel(c) < a.C) {
-#pragma unroll
-        for (int j = 0; j < NP; ++j) mx[j] = dmax(mx[j], v[c][j]);
-      }
-    }
-    group_reduce<kWide>(mx, tl.G, red_a, MaxOp());
-  }
+  const bool ext = pixel_max<kWide>(tl, v, step, n, a, norm, red_a, mx, inv);
   acc_t s[NP], below[NP], maxima[NP];
 #pragma unroll
   for (int j = 0; j < NP; ++j) s[j] = below[j] = maxima[j] = 0;
