@@ -551,7 +551,9 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   Tile<acc_t, kC> x(C), e(C), t(kLabels ? 0 : C);
   Tile<acc_t, kC, 5> acc(C);
   for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA { acc[j] = Vec(acc_t(0)); });
-  LogProducts<acc_t, kC> lp(kC > 0 ? C : 0);  // only the fixed-C copies use it
+  LogProducts<acc_t, kC> lp(kC > 0 ? C : 0);
+  // the condition under which forward_vector multiplies into lp
+  const bool products = kLabels && kC > 0 && o.activation == kSoftmax && o.pixel_loss == kPixelCE;
   int64_t vectors = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
@@ -561,7 +563,7 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
     const Vec valid = code != Vec(acc_t(kIgnored));  // all-ones lanes for counted pixels
     forward_vector<acc_t, kLabels, kC>(x, e, t, acc, lp, C, o, fg, code, valid);
     if constexpr (kC > 0) {
-      if (++vectors % kLogEvery == 0) lp.flush(C);
+      if (products && ++vectors % kLogEvery == 0) lp.flush(C);
     }
   }
   const auto hsum = [](const Vec& v) DICE_LAMBDA {  // lane order
@@ -576,7 +578,7 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
     dst[j] = hsum(acc[j]);
   });
   if constexpr (kC > 0) {
-    if (rows == 5) {  // the log s parts of the pixel rows (0 unless LogProducts was used)
+    if (products) {  // the log s parts of the pixel rows
       lp.flush(C);
       const acc_t log_all = hsum(lp.log_all);
       // a NaN logit at a counted pixel makes every class's X NaN, as t e = 0 * NaN does in the
