@@ -114,6 +114,12 @@ void check_grad(const at::Tensor& grad, const at::Tensor& x, const DiceOptions& 
               o.pixel_loss == kPixelNone ? "" : " with a pixel loss (rows I, P, T, X, L)", ", got ", grad.sizes());
 }
 
+/// The input gradient, in x's layout (channels-last stays channels-last) when x is dense.
+at::Tensor grad_like(const at::Tensor& x) {
+  return x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
+                                          : at::empty(x.sizes(), x.options());
+}
+
 // CPU: the copy of the kernel compiled for the best instruction set this CPU (and ATen, which
 // honours ATEN_CPU_CAPABILITY) allows.
 enum class Cap { kDefault, kAvx2, kAvx512 };
@@ -147,13 +153,15 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::T
   check_differentiable(o);
   check_grad(grad, x, o);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
+  at::Tensor gx = grad_like(x);
   switch (cpu_cap()) {
 #ifdef DICETORCH_CPU_X86
-    case Cap::kAvx512: return cpu::AVX512::backward(g, x, t, o);
-    case Cap::kAvx2: return cpu::AVX2::backward(g, x, t, o);
+    case Cap::kAvx512: cpu::AVX512::backward(g, x, t, gx, o); break;
+    case Cap::kAvx2: cpu::AVX2::backward(g, x, t, gx, o); break;
 #endif
-    default: return cpu::DEFAULT::backward(g, x, t, o);
+    default: cpu::DEFAULT::backward(g, x, t, gx, o);
   }
+  return gx;
 }
 
 #ifdef DICETORCH_WITH_CUDA
@@ -172,9 +180,7 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::
   check_differentiable(o);
   check_grad(grad, x, o);
   const at::Tensor g = grad.to(acc_dtype(x.scalar_type())).contiguous();
-  // Gradient in x's layout (channels-last stays channels-last) when x is dense.
-  at::Tensor gx = x.is_non_overlapping_and_dense() ? at::empty_strided(x.sizes(), x.strides(), x.options())
-                                                   : at::empty(x.sizes(), x.options());
+  at::Tensor gx = grad_like(x);
   cuda::backward(g, x, t, gx, o);
   return gx;
 }

@@ -19,13 +19,14 @@ struct DiceOptions {
 };
 
 namespace cpu {
-// stats (N, o.rows(), C); grad (N, o.rows(), C) contiguous in the accumulation dtype.
+// stats (N, o.rows(), C); grad (N, o.rows(), C) contiguous in the accumulation dtype; grad_x is
+// allocated by the caller, like x.
 // Implemented once per CPU capability (csrc/cpu/dice_cpu*.cpp, namespaces DEFAULT/AVX2/AVX512).
 #define DICETORCH_DECLARE_CPU(CAP)                                                              \
   namespace CAP {                                                                               \
   at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o);           \
-  at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,        \
-                      const DiceOptions& o);                                                    \
+  void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& grad_x, \
+                const DiceOptions& o);                                                          \
   }
 DICETORCH_DECLARE_CPU(DEFAULT)
 DICETORCH_DECLARE_CPU(AVX2)

@@ -195,6 +195,29 @@ def test_every_channel_count_hard(activation, c):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
+
+@pytest.mark.parametrize("c", [2, 12])  # a fixed-C copy and the general copy
+def test_softmax_exp_over_its_whole_range(c):
+    """The softmax's exp, pixel by pixel, for every d = z - max from 0 down past ln(FLT_MIN) ~ -87.34.
+
+    Logits (0, d, -inf, ...) with label 0 and dL/dI = (1, 0, ...) give dL/dz_1 = p_1 (0 - p_0) =
+    -e / (1 + e)^2 with e = exp(d), a product without cancellation (dL/dz_0 = p_0 (1 - p_0) has
+    one): each entry is one exp, to within the fp32 exp's 20 ULP (2.4e-6) and a few roundings; near
+    and below ln(FLT_MIN) the exp flushes to 0, within 2 FLT_MIN of the true value.  The -inf
+    channels must give exactly 0.
+    """
+    d = torch.cat([torch.linspace(-90.0, 0.0, 20001), torch.tensor([-87.3365, -87.3366, -1e-30, 0.0])])
+    x = torch.full((1, c, d.numel()), float("-inf"))
+    x[0, 0], x[0, 1] = 0.0, d
+    t = torch.zeros(1, d.numel(), dtype=torch.long)
+    g = torch.zeros(1, 3, c)
+    g[0, 0, 0] = 1.0
+    gx = torch.ops.dicetorch.fused_backward(g, x, t, "softmax", 1, None)
+    e = d.double().exp()
+    tiny = torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(gx[0, 1].double(), -e / (1 + e) ** 2, rtol=4e-6, atol=2 * tiny)
+    assert (gx[0, 2:] == 0).all()
+
 @pytest.mark.parametrize(
     "args,match",
     [
