@@ -570,6 +570,53 @@ DICE_INLINE void backward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const T
   }
 }
 
+/// Horizontal sum of a vector, in lane order.
+template <typename acc_t>
+DICE_INLINE acc_t lane_sum(const Vectorized<acc_t>& v) {
+  constexpr int V = Vectorized<acc_t>::size();
+  alignas(64) acc_t lanes[V];
+  v.store(lanes);
+  acc_t sum = 0;
+  for (int l = 0; l < V; ++l) sum += lanes[l];
+  return sum;
+}
+
+/// forward_chunk of the common training step (softmax, label targets, no pixel loss, fixed C), in
+/// a loop of its own: only the I and P accumulators are live in it, so they stay in registers
+/// (the general loop, which serves every variant, keeps its 5 C accumulators on the stack).  T, a
+/// count of labels, is summed from the codes afterwards.  The same expressions in the same order as
+/// forward_vector: the sums are bit-identical to the general loop's.
+template <typename scalar_t, int kC, typename acc_t = acc_type<scalar_t>>
+void forward_chunk_softmax_dice(const scalar_t* xb, const Layout& Lx, int64_t m_begin, int64_t m_end,
+                                const acc_t* codes, acc_t* stage, int power, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int V = Vec::size();
+  const Vec zero(acc_t(0));
+  Tile<acc_t, kC> x(kC), ai(kC), ap(kC), at(kC);
+  for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = zero; });
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
+    load_channels<scalar_t, acc_t, kC>(xb, Lx, kC, m0, cnt, stage, x);
+    const Vec code = Vec::loadu(codes + (m0 - m_begin));
+    const Vec valid = code != Vec(acc_t(kIgnored));
+    activate(x, kC, kSoftmax);
+    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+      const Vec p = Vec::blendv(zero, x[k], valid);
+      ai[k] = ai[k] + p * code.eq(Vec(acc_t(k)));
+      ap[k] = ap[k] + pow_q(p, power);
+    });
+  }
+  for (int64_t j = 0; j < m_end - m_begin; j += V) {
+    const Vec code = Vec::loadu(codes + j);
+    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { at[k] = at[k] + pow_q(code.eq(Vec(acc_t(k))), power); });
+  }
+  for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+    dst[k] = lane_sum(ai[k]);
+    dst[kC + k] = lane_sum(ap[k]);
+    dst[2 * kC + k] = lane_sum(at[k]);
+  });
+}
+
 /// One forward task: pixels [m_begin, m_end) of one image -> its (rows, C) partial sums in dst
 /// (each the lane-order sum of its vector accumulator).
 template <typename scalar_t, bool kLabels, int kC, typename acc_t = acc_type<scalar_t>>
@@ -579,6 +626,11 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
+  if constexpr (kLabels && kC > 0) {
+    if (o.pixel_loss == kPixelNone && o.activation == kSoftmax) {
+      return forward_chunk_softmax_dice<scalar_t, kC>(xb, Lx, m_begin, m_end, codes, stage, o.power, dst);
+    }
+  }
   const int rows = o.rows();
   Tile<acc_t, kC> x(C), e(C), t(kLabels ? 0 : C);
   Tile<acc_t, kC, 5> acc(C);
@@ -598,26 +650,19 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
       if (products && ++vectors % kLogEvery == 0) lp.flush(C);
     }
   }
-  const auto hsum = [](const Vec& v) DICE_LAMBDA {  // lane order
-    alignas(64) acc_t lanes[V];
-    v.store(lanes);
-    acc_t sum = 0;
-    for (int l = 0; l < V; ++l) sum += lanes[l];
-    return sum;
-  };
   for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA {
     if (j >= rows * C) return;  // kC > 0: the rows a Dice-only loss does not have
-    dst[j] = hsum(acc[j]);
+    dst[j] = lane_sum(acc[j]);
   });
   if constexpr (kC > 0) {
     if (products) {  // the log s parts of the pixel rows
       lp.flush(C);
-      const acc_t log_all = hsum(lp.log_all);
+      const acc_t log_all = lane_sum(lp.log_all);
       // a NaN logit at a counted pixel makes every class's X NaN, as t e = 0 * NaN does in the
       // reference: log_all is then NaN, else finite (0 * log_all = 0)
       const acc_t nan_spread = log_all * acc_t(0);
       for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-        dst[3 * C + k] += hsum(lp.log[k]) + nan_spread;
+        dst[3 * C + k] += lane_sum(lp.log[k]) + nan_spread;
         dst[4 * C + k] += log_all;
       });
     }
