@@ -669,6 +669,36 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   }
 }
 
+/// backward_chunk of the common training step (softmax, label targets, no pixel loss, fixed C) in
+/// a loop of its own, for the reason forward_chunk_softmax_dice gives: only p, g and the gradient
+/// rows of this image are live.  The same expressions as backward_vector, so the same gradient.
+template <typename scalar_t, int kC, typename acc_t = acc_type<scalar_t>>
+void backward_chunk_softmax_dice(const scalar_t* xb, const Layout& Lx, scalar_t* ob, const Layout& Lg,
+                                 int64_t m_begin, int64_t m_end, const acc_t* codes, acc_t* stage, int power,
+                                 const acc_t* grad) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int V = Vec::size();
+  const Vec zero(acc_t(0));
+  const acc_t *g_i = grad, *g_p = grad + kC;
+  Tile<acc_t, kC> x(kC), g(kC);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
+    const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
+    load_channels<scalar_t, acc_t, kC>(xb, Lx, kC, m0, cnt, stage, x);
+    const Vec code = Vec::loadu(codes + (m0 - m_begin));
+    const Vec valid = code != Vec(acc_t(kIgnored));
+    activate(x, kC, kSoftmax);
+    Vec dot(acc_t(0));
+    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+      g[k] = grad_p(Vec(g_i[k]), Vec(g_p[k]), code.eq(Vec(acc_t(k))), x[k], power);
+      dot = dot + x[k] * g[k];
+    });
+    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+      g[k] = Vec::blendv(zero, softmax_dz(x[k], g[k], dot), valid);  // exactly 0 when ignored
+    });
+    store_channels<scalar_t, acc_t, kC>(ob, Lg, kC, m0, cnt, stage, g);
+  }
+}
+
 /// One backward task: the gradient of pixels [m_begin, m_end) of one image into ob.
 template <typename scalar_t, bool kLabels, int kC, typename acc_t = acc_type<scalar_t>>
 void backward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, const Layout& Lt,
@@ -678,6 +708,11 @@ void backward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, co
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
+  if constexpr (kLabels && kC > 0) {
+    if (o.pixel_loss == kPixelNone && o.activation == kSoftmax) {
+      return backward_chunk_softmax_dice<scalar_t, kC>(xb, Lx, ob, Lg, m_begin, m_end, codes, stage, o.power, grad);
+    }
+  }
   const bool pixel = o.pixel_loss != kPixelNone;
   Tile<acc_t, kC> x(C), e(pixel ? C : 0), t(kLabels ? 0 : C), g(C), h(pixel ? C : 0);
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
