@@ -196,6 +196,38 @@ def test_every_channel_count_hard(activation, c):
 
 
 
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this system")
+def test_large_gradient_asks_for_huge_pages():
+    """A gradient of 32 MiB or more (a fresh mmap from glibc every step) is advised MADV_HUGEPAGE, so
+    the backward's first writes fault once per 2 MiB instead of once per 4 KiB: its mapping is
+    THP-eligible in /proc/self/smaps (with THP in "madvise" mode, only through that advice)."""
+    m = (40 << 20) // 8  # (1, 2, m) float32: 40 MiB
+    x = torch.zeros(1, 2, m)
+    t = torch.zeros(1, m, dtype=torch.long)
+    gx = torch.ops.dicetorch.fused_backward(torch.zeros(1, 3, 2), x, t, "softmax", 1, None)
+    addr = gx.data_ptr() + (4 << 20)  # inside the advised, 2 MiB-aligned interior
+    eligible = None
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "THPeligible:":
+                eligible = int(line.split()[1])
+    assert eligible == 1, f"the gradient's mapping is not THP-eligible ({eligible})"
+    assert (gx == 0).all()
+
+
 @pytest.mark.parametrize("c", [2, 12])  # a fixed-C copy and the general copy
 def test_softmax_exp_over_its_whole_range(c):
     """The softmax's exp, pixel by pixel, for every d = z - max from 0 down past ln(FLT_MIN) ~ -87.34.
