@@ -582,8 +582,8 @@ DICE_INLINE acc_t lane_sum(const Vectorized<acc_t>& v) {
 }
 
 /// forward_chunk of the common training step (softmax, label targets, no pixel loss, fixed C), in
-/// a loop of its own: only the I and P accumulators are live in it, so they stay in registers
-/// (the general loop, which serves every variant, keeps its 5 C accumulators on the stack).  T, a
+/// a loop of its own: only the I and P accumulators are live in it, so few values spill to the
+/// stack (the general loop, which serves every variant, keeps its 5 C accumulators there).  T, a
 /// count of labels, is summed from the codes afterwards.  The same expressions in the same order as
 /// forward_vector: the sums are bit-identical to the general loop's.
 template <typename scalar_t, int kC, typename acc_t = acc_type<scalar_t>>
