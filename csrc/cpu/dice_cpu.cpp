@@ -368,11 +368,22 @@ DICE_INLINE void softmax_pixel(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, int64_t C
   sm1 = below + (maxima - one);
 }
 
+/// Horizontal sum of a vector, in lane order.
+template <typename acc_t>
+DICE_INLINE acc_t lane_sum(const Vectorized<acc_t>& v) {
+  constexpr int V = Vectorized<acc_t>::size();
+  alignas(64) acc_t lanes[V];
+  v.store(lanes);
+  acc_t sum = 0;
+  for (int l = 0; l < V; ++l) sum += lanes[l];
+  return sum;
+}
+
 /// Softmax cross-entropy with label targets in the fixed-C copies: -log p_k = log s - d_k, so the
 /// pixel rows split into X_k = sum_{label k} log s + sum_{label k} (-d_k) and L_k = sum log s +
 /// sum (-d_k) (no cancellation: every part is >= 0).  The sums of log s are kept as running
 /// products, a = prod (1 + sm1) - 1 updated as a + sm1 + a sm1 (so confident pixels, sm1 ~ 0, keep
-/// their digits), per class and over all counted pixels; forward_chunk takes their log1p every
+/// their digits), per class and over all counted pixels; forward_chunk_softmax takes their log1p every
 /// kLogEvery vectors.  One log1p per kLogEvery vectors and class instead of one per pixel.  With
 /// s <= C <= 8, (1 + a) <= 8^16 = 2^48 between two logs: far from overflow.
 constexpr int kLogEvery = 16;
@@ -398,6 +409,18 @@ struct LogProducts {
     log_all = log_all + a_all.log1p();
     a_all = Vec(acc_t(0));
   }
+  /// Adds the log s parts to the pixel rows dst[3C + k] (X) and dst[4C + k] (L) of a chunk.
+  void add_logs(int64_t C, acc_t* dst) {
+    flush(C);
+    const acc_t all = lane_sum(log_all);
+    // a NaN logit at a counted pixel makes every class's X NaN, as t e = 0 * NaN does in the
+    // reference: all is then NaN, else finite (0 * all = 0)
+    const acc_t nan_spread = all * acc_t(0);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      dst[3 * C + k] += lane_sum(log[k]) + nan_spread;
+      dst[4 * C + k] += all;
+    });
+  }
 };
 
 /// Forward of one vector of pixels: p = activation(x) and the rows I, P, T (and, with a pixel
@@ -405,7 +428,7 @@ struct LogProducts {
 /// Ignored pixels are selected away (never multiplied by 0, so NaN/inf there changes nothing).
 template <typename acc_t, bool kLabels, int kC>
 DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Tile<acc_t, kC>& t,
-                                Tile<acc_t, kC, 5>& acc, LogProducts<acc_t, kC>& lp, int64_t C_,
+                                Tile<acc_t, kC, 5>& acc, int64_t C_,
                                 const DiceOptions& o, const FocalGamma& fg, const Vectorized<acc_t>& code,
                                 const Vectorized<acc_t>& valid) {
   const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
@@ -437,21 +460,7 @@ DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Ti
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], target(k)); });
   } else if (o.activation == kSoftmax) {
     Vec r, sm1;
-    softmax_pixel(x, e, C, r, sm1);
-    if constexpr (kLabels && kC > 0) {
-      if (!focal) {  // cross-entropy: log s through the running products (see LogProducts)
-        lp.mul(lp.a_all, sm1 & valid);  // ignored pixels: a factor 1
-        for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-          const Vec is_k = code == Vec(acc_t(k));  // lane mask
-          dice(k, e[k] * r, code.eq(Vec(acc_t(k))));
-          lp.mul(lp.a[k], sm1 & is_k);
-          const Vec nd = x[k].neg() & valid;  // -d_k >= 0 (+inf for a -inf logit)
-          acc[3 * C + k] = acc[3 * C + k] + (nd & is_k);
-          acc[4 * C + k] = acc[4 * C + k] + nd;
-        });
-        return;
-      }
-    }
+    softmax_pixel(x, e, C, r, sm1);  // (cross-entropy with labels and fixed C: forward_chunk_softmax)
     const Vec ls = sm1.log1p();  // log s: one log per pixel
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       const Vec tk = target(k);
@@ -570,41 +579,49 @@ DICE_INLINE void backward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const T
   }
 }
 
-/// Horizontal sum of a vector, in lane order.
-template <typename acc_t>
-DICE_INLINE acc_t lane_sum(const Vectorized<acc_t>& v) {
-  constexpr int V = Vectorized<acc_t>::size();
-  alignas(64) acc_t lanes[V];
-  v.store(lanes);
-  acc_t sum = 0;
-  for (int l = 0; l < V; ++l) sum += lanes[l];
-  return sum;
-}
-
-/// forward_chunk of the common training step (softmax, label targets, no pixel loss, fixed C), in
-/// a loop of its own: only the I and P accumulators are live in it, so few values spill to the
-/// stack (the general loop, which serves every variant, keeps its 5 C accumulators there).  T, a
-/// count of labels, is summed from the codes afterwards.  The same expressions in the same order as
-/// forward_vector: the sums are bit-identical to the general loop's.
-template <typename scalar_t, int kC, typename acc_t = acc_type<scalar_t>>
-void forward_chunk_softmax_dice(const scalar_t* xb, const Layout& Lx, int64_t m_begin, int64_t m_end,
-                                const acc_t* codes, acc_t* stage, int power, acc_t* dst) {
+/// forward_chunk of the common training steps (softmax, label targets, fixed C; Dice alone or, kCE,
+/// with cross-entropy) in a loop of their own: only the accumulators these rows need are live in it,
+/// so few values spill to the stack (the general loop, which serves every variant, keeps its 5 C
+/// accumulators and its tiles there).  T, a count of labels, is summed from the codes afterwards.
+/// The same expressions in the same order as forward_vector: the sums are bit-identical to the
+/// general loop's.
+template <typename scalar_t, int kC, bool kCE, typename acc_t = acc_type<scalar_t>>
+void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t m_begin, int64_t m_end, const acc_t* codes,
+                           acc_t* stage, int power, acc_t* dst) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const Vec zero(acc_t(0));
-  Tile<acc_t, kC> x(kC), ai(kC), ap(kC), at(kC);
-  for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = zero; });
+  Tile<acc_t, kC> x(kC), e(kC), ai(kC), ap(kC), at(kC), ax(kC), al(kC);  // X, L: -d parts (kCE)
+  LogProducts<acc_t, kC> lp(kCE ? kC : 0);
+  for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = ax[k] = al[k] = zero; });
+  int64_t vectors = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
     load_channels<scalar_t, acc_t, kC>(xb, Lx, kC, m0, cnt, stage, x);
     const Vec code = Vec::loadu(codes + (m0 - m_begin));
     const Vec valid = code != Vec(acc_t(kIgnored));
-    activate(x, kC, kSoftmax);
-    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
-      const Vec p = Vec::blendv(zero, x[k], valid);
+    const auto dice = [&](auto k, const Vec& p_raw) DICE_LAMBDA {
+      const Vec p = Vec::blendv(zero, p_raw, valid);
       ai[k] = ai[k] + p * code.eq(Vec(acc_t(k)));
       ap[k] = ap[k] + pow_q(p, power);
-    });
+    };
+    if constexpr (kCE) {  // forward_vector's cross-entropy with label targets
+      Vec r, sm1;
+      softmax_pixel(x, e, kC, r, sm1);
+      lp.mul(lp.a_all, sm1 & valid);
+      for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+        const Vec is_k = code == Vec(acc_t(k));
+        dice(k, e[k] * r);
+        lp.mul(lp.a[k], sm1 & is_k);
+        const Vec nd = x[k].neg() & valid;  // -d_k >= 0 (+inf for a -inf logit)
+        ax[k] = ax[k] + (nd & is_k);
+        al[k] = al[k] + nd;
+      });
+      if (++vectors % kLogEvery == 0) lp.flush(kC);
+    } else {
+      activate(x, kC, kSoftmax);
+      for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { dice(k, x[k]); });
+    }
   }
   for (int64_t j = 0; j < m_end - m_begin; j += V) {
     const Vec code = Vec::loadu(codes + j);
@@ -614,7 +631,12 @@ void forward_chunk_softmax_dice(const scalar_t* xb, const Layout& Lx, int64_t m_
     dst[k] = lane_sum(ai[k]);
     dst[kC + k] = lane_sum(ap[k]);
     dst[2 * kC + k] = lane_sum(at[k]);
+    if constexpr (kCE) {
+      dst[3 * kC + k] = lane_sum(ax[k]);
+      dst[4 * kC + k] = lane_sum(al[k]);
+    }
   });
+  if constexpr (kCE) lp.add_logs(kC, dst);
 }
 
 /// One forward task: pixels [m_begin, m_end) of one image -> its (rows, C) partial sums in dst
@@ -627,50 +649,33 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
   if constexpr (kLabels && kC > 0) {
-    if (o.pixel_loss == kPixelNone && o.activation == kSoftmax) {
-      return forward_chunk_softmax_dice<scalar_t, kC>(xb, Lx, m_begin, m_end, codes, stage, o.power, dst);
+    if (o.activation == kSoftmax && o.pixel_loss == kPixelNone) {
+      return forward_chunk_softmax<scalar_t, kC, false>(xb, Lx, m_begin, m_end, codes, stage, o.power, dst);
+    }
+    if (o.activation == kSoftmax && o.pixel_loss == kPixelCE) {
+      return forward_chunk_softmax<scalar_t, kC, true>(xb, Lx, m_begin, m_end, codes, stage, o.power, dst);
     }
   }
   const int rows = o.rows();
   Tile<acc_t, kC> x(C), e(C), t(kLabels ? 0 : C);
   Tile<acc_t, kC, 5> acc(C);
   for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA { acc[j] = Vec(acc_t(0)); });
-  LogProducts<acc_t, kC> lp(kC > 0 ? C : 0);
-  // the condition under which forward_vector multiplies into lp
-  const bool products = kLabels && kC > 0 && o.activation == kSoftmax && o.pixel_loss == kPixelCE;
-  int64_t vectors = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
     load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
     if constexpr (!kLabels) load_channels<scalar_t, acc_t, kC>(tb, Lt, C, m0, cnt, stage, t);
     const Vec code = Vec::loadu(codes + (m0 - m_begin));
     const Vec valid = code != Vec(acc_t(kIgnored));  // all-ones lanes for counted pixels
-    forward_vector<acc_t, kLabels, kC>(x, e, t, acc, lp, C, o, fg, code, valid);
-    if constexpr (kC > 0) {
-      if (products && ++vectors % kLogEvery == 0) lp.flush(C);
-    }
+    forward_vector<acc_t, kLabels, kC>(x, e, t, acc, C, o, fg, code, valid);
   }
   for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA {
     if (j >= rows * C) return;  // kC > 0: the rows a Dice-only loss does not have
     dst[j] = lane_sum(acc[j]);
   });
-  if constexpr (kC > 0) {
-    if (products) {  // the log s parts of the pixel rows
-      lp.flush(C);
-      const acc_t log_all = lane_sum(lp.log_all);
-      // a NaN logit at a counted pixel makes every class's X NaN, as t e = 0 * NaN does in the
-      // reference: log_all is then NaN, else finite (0 * log_all = 0)
-      const acc_t nan_spread = log_all * acc_t(0);
-      for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-        dst[3 * C + k] += lane_sum(lp.log[k]) + nan_spread;
-        dst[4 * C + k] += log_all;
-      });
-    }
-  }
 }
 
 /// backward_chunk of the common training steps (softmax, label targets, fixed C; Dice alone or, kCE,
-/// with cross-entropy) in a loop of their own, for the reason forward_chunk_softmax_dice gives: only
+/// with cross-entropy) in a loop of their own, for the reason forward_chunk_softmax gives: only
 /// p, g and the gradient rows of this image are live.  The same expressions as backward_vector
 /// (p from activate() is softmax_pixel's e r bit for bit), so the same gradient.
 template <typename scalar_t, int kC, bool kCE, typename acc_t = acc_type<scalar_t>>
