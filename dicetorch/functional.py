@@ -159,8 +159,13 @@ def _stats(input, target, *, activation, power, ignore_index, backend, pixel_los
     """Validated call of the operator; returns (N, 3, C), or (N, 5, C) with a pixel loss."""
     ignore_index = ops.as_ignore_index(ignore_index)
     ops.check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
-    ops.check_target_values(input, target, ignore_index)
-    return ops.dice_stats(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
+    by_count = ops.labels_checked_by_count(input, target, ignore_index)
+    if not by_count:
+        ops.check_target_values(input, target, ignore_index)
+    stats = ops.dice_stats(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
+    if by_count and not ops.all_labels_counted(stats, input):
+        ops.check_target_values(input, target, ignore_index)  # raises, naming the labels found
+    return stats
 
 
 def _class_slice(x: Tensor, include_background: bool) -> Tensor:

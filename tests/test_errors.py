@@ -78,6 +78,35 @@ def test_labels_out_of_range(fn):
     fn(_x(), bad, ignore_index=-1)
 
 
+@pytest.mark.parametrize("backend", dt.ops.available_backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("fn", FNS + (dt.dice_ce_loss,))
+def test_labels_checked_by_count(fn, dtype, backend, monkeypatch):
+    """On the CPU without ignore_index the label check reads the forward's T row instead of the labels:
+    valid labels never reach check_target_values, and one bad label anywhere (either image, either end
+    of the range, the label dtype's extremes) still raises with the values found."""
+    calls = []
+    real = dt.ops.check_target_values
+    monkeypatch.setattr(dt.ops, "check_target_values", lambda *a: calls.append(1) or real(*a))
+    x, good = _x(2, 4, 3, 5), _labels(2, 4, 3, 5).to(dtype)
+    fn(x.requires_grad_(), good, backend=backend).backward()
+    assert calls == [] and x.grad is not None
+    info = torch.iinfo(dtype)
+    values = sorted(v for v in {4, info.max, -1, info.min} if info.min <= v <= info.max and not 0 <= v <= 3)
+    for value in values:
+        for where in [(0, 0, 0), (1, 2, 4)]:
+            bad = good.clone()
+            bad[where] = value
+            with pytest.raises(ValueError, match=rf"must lie in \[0, 3\] for C=4 channels; found values in \[{value}, {value}\]"):
+                fn(x, bad, backend=backend)
+    assert len(calls) == 2 * len(values)
+    # beyond 2^24 pixels per image float32 counts are no longer exact: the labels are read instead
+    huge = torch.empty(1, 2, 1).expand(1, 2, 2 ** 24 + 1)
+    assert dt.ops.labels_checked_by_count(huge[:, :, : 2 ** 24], torch.zeros(1, 1, dtype=torch.long).expand(1, 2 ** 24), None)
+    assert not dt.ops.labels_checked_by_count(huge, torch.zeros(1, 1, dtype=torch.long).expand(1, 2 ** 24 + 1), None)
+    assert not dt.ops.labels_checked_by_count(x, good, 255)  # ignored pixels count in no T
+
+
 def test_binary_labels_out_of_range():
     with pytest.raises(ValueError, match=r"target labels must lie in \[0, 1\] for C=1"):
         dt.dice_loss(_x(2, 1), torch.full((2, 4, 5), 2), activation="sigmoid")
