@@ -375,8 +375,9 @@ _EXACT_COUNT = 2 ** 24
 
 def labels_checked_by_count(input: Tensor, target: Tensor, ignore_index: Optional[int]) -> bool:
     """Whether the label range check of :func:`check_target_values` may instead read the operator's
-    T row after the forward (see :func:`all_labels_counted`): eager CPU data, labels, C >= 2, no
-    ``ignore_index`` and at most 2^24 pixels per image.
+    T row after the forward (see :func:`all_labels_counted`): eager data whose checks read their
+    verdict on the host (:func:`_checks_on_host`: CPU), labels, C >= 2, no ``ignore_index`` and at
+    most 2^24 pixels per image.
 
     There every in-range label adds exactly 1 to one class's T = sum_m t^q (t in {0, 1}) and an
     out-of-range one adds nothing, so the labels are valid iff each image's T sums to M, exactly in
@@ -384,7 +385,7 @@ def labels_checked_by_count(input: Tensor, target: Tensor, ignore_index: Optiona
     (``torch.aminmax``: about 7% of a 4-class 3D ``DiceLoss`` step on one CPU thread).  On CUDA the
     check is an asynchronous device assert (:func:`_data_check`) and stays as it is.
     """
-    return (input.device.type == "cpu" and input.dim() >= 2 and input.shape[1] >= 2 and ignore_index is None
+    return (_checks_on_host(input.device) and input.dim() >= 2 and input.shape[1] >= 2 and ignore_index is None
             and target.dtype != torch.bool and _is_label_target(input, target)
             and math.prod(input.shape[2:]) <= _EXACT_COUNT
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
