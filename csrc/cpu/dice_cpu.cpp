@@ -703,39 +703,43 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   });
 }
 
-/// backward_chunk of the common training steps (softmax, label targets, fixed C; Dice alone or, kCE,
-/// with cross-entropy) in a loop of their own, for the reason forward_chunk_softmax gives: only
-/// p, g and the gradient rows of this image are live.  The same expressions as backward_vector
-/// (p from activate() is softmax_pixel's e r bit for bit), so the same gradient.
+/// backward_chunk of the common training steps (softmax, label targets; Dice alone or, kCE, with
+/// cross-entropy) in a loop of their own, for any C: only p, g and the gradient rows of this image
+/// are live (the fixed-C copies keep them in registers, for the reason forward_chunk_softmax gives),
+/// and the cross-entropy's h is recomputed from the rows instead of stored, with no s - 1 (only the
+/// focal terms need it).  The same expressions as backward_vector (p from activate() is
+/// softmax_pixel's e r bit for bit), so the same gradient.
 template <typename scalar_t, int kC, bool kCE, typename acc_t = acc_type<scalar_t>>
-void backward_chunk_softmax(const scalar_t* xb, const Layout& Lx, scalar_t* ob, const Layout& Lg, int64_t m_begin,
-                            int64_t m_end, const acc_t* codes, acc_t* stage, int power, const acc_t* grad) {
+void backward_chunk_softmax(const scalar_t* xb, const Layout& Lx, scalar_t* ob, const Layout& Lg, int64_t C_,
+                            int64_t m_begin, int64_t m_end, const acc_t* codes, acc_t* stage, int power,
+                            const acc_t* grad) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
+  const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
   const Vec zero(acc_t(0));
-  const acc_t *g_i = grad, *g_p = grad + kC, *g_x = grad + 3 * kC, *g_l = grad + 4 * kC;
-  Tile<acc_t, kC> x(kC), g(kC);
+  const acc_t *g_i = grad, *g_p = grad + C, *g_x = grad + 3 * C, *g_l = grad + 4 * C;
+  Tile<acc_t, kC> x(C), g(C);
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
-    load_channels<scalar_t, acc_t, kC>(xb, Lx, kC, m0, cnt, stage, x);
+    load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
     const Vec code = Vec::loadu(codes + (m0 - m_begin));
     const Vec valid = code != Vec(acc_t(kIgnored));
-    activate(x, kC, kSoftmax);
+    activate(x, C, kSoftmax);
     // cross-entropy: h = -w with w = gX t + gL, recomputed below rather than kept in registers
     const auto h = [&](auto k) DICE_LAMBDA { return pixel_weight(Vec(g_x[k]), Vec(g_l[k]), code.eq(Vec(acc_t(k)))).neg(); };
     Vec dot(acc_t(0)), hsum(acc_t(0));
-    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       g[k] = grad_p(Vec(g_i[k]), Vec(g_p[k]), code.eq(Vec(acc_t(k))), x[k], power);
       dot = dot + x[k] * g[k];
       if constexpr (kCE) hsum = hsum + h(k);
     });
     const Vec total = kCE ? dot + hsum : dot;
-    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       Vec dz = softmax_dz(x[k], g[k], total);
       if constexpr (kCE) dz = dz + h(k);
       g[k] = Vec::blendv(zero, dz, valid);  // exactly 0 when ignored
     });
-    store_channels<scalar_t, acc_t, kC>(ob, Lg, kC, m0, cnt, stage, g);
+    store_channels<scalar_t, acc_t, kC>(ob, Lg, C, m0, cnt, stage, g);
   }
 }
 
@@ -748,12 +752,14 @@ void backward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, co
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
-  if constexpr (kLabels && kC > 0) {
+  if constexpr (kLabels) {
     if (o.activation == kSoftmax && o.pixel_loss == kPixelNone) {
-      return backward_chunk_softmax<scalar_t, kC, false>(xb, Lx, ob, Lg, m_begin, m_end, codes, stage, o.power, grad);
+      return backward_chunk_softmax<scalar_t, kC, false>(xb, Lx, ob, Lg, C, m_begin, m_end, codes, stage, o.power,
+                                                         grad);
     }
     if (o.activation == kSoftmax && o.pixel_loss == kPixelCE) {
-      return backward_chunk_softmax<scalar_t, kC, true>(xb, Lx, ob, Lg, m_begin, m_end, codes, stage, o.power, grad);
+      return backward_chunk_softmax<scalar_t, kC, true>(xb, Lx, ob, Lg, C, m_begin, m_end, codes, stage, o.power,
+                                                        grad);
     }
   }
   const bool pixel = o.pixel_loss != kPixelNone;
