@@ -125,14 +125,16 @@ at::Tensor grad_like(const at::Tensor& x) {
                                           : at::empty(x.sizes(), x.options());
 }
 
-/// Asks Linux for transparent huge pages under a CPU gradient of 32 MiB or more.  glibc serves such
-/// blocks from fresh mmaps however often they are freed and reallocated (its dynamic mmap threshold
-/// stops at 32 MiB), so the backward's first write to each 4 KiB page is a page fault, every step:
-/// ~0.7 ms per MiB on a 2-vCPU VM, more than the kernel's own time.  With huge pages it is one fault
-/// per 2 MiB.  Only the 2 MiB-aligned interior is advised; nothing changes where THP is "never".
+/// Asks Linux for transparent huge pages under a CPU gradient of 4 MiB or more.  glibc serves blocks
+/// of 32 MiB or more from fresh mmaps however often they are freed and reallocated (its dynamic mmap
+/// threshold stops at 32 MiB), and smaller ones from fresh pages whenever other large frees (a
+/// training step's activations) trimmed its heap, so the backward's first write to each 4 KiB page
+/// is a page fault: ~0.7 ms per MiB on a 2-vCPU VM, more than the kernel's own time.  With huge pages
+/// it is one fault per 2 MiB; on reused pages the advice costs one system call.  Only the 2 MiB-aligned
+/// interior is advised; nothing changes where THP is "never".
 void advise_huge_pages(const at::Tensor& gx) {
 #ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21, kFresh = uintptr_t{32} << 20;
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21, kFresh = uintptr_t{4} << 20;
   const auto begin = reinterpret_cast<uintptr_t>(gx.data_ptr());
   const auto bytes = static_cast<uintptr_t>(gx.nbytes());
   const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
