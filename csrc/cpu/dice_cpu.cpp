@@ -408,15 +408,17 @@ DICE_INLINE acc_t lane_sum(const Vectorized<acc_t>& v) {
   return sum;
 }
 
-/// Softmax cross-entropy with label targets in the fixed-C copies: -log p_k = log s - d_k, so the
+/// Softmax cross-entropy with label targets (forward_chunk_softmax): -log p_k = log s - d_k, so the
 /// pixel rows split into X_k = sum_{label k} log s + sum_{label k} (-d_k) and L_k = sum log s +
 /// sum (-d_k) (no cancellation: every part is >= 0).  The sums of log s are kept as running
 /// products, a = prod (1 + sm1) - 1 updated as a + sm1 + a sm1 (so confident pixels, sm1 ~ 0, keep
 /// their digits), per class and over all counted pixels; forward_chunk_softmax takes their log1p every
 /// kLogEvery vectors.  One log1p per kLogEvery vectors and class instead of one per pixel.  With
-/// s <= C <= 8, (1 + a) <= 8^16 = 2^48 between two logs: far from overflow.
+/// s <= C <= kMaxLogProductC = 128, (1 + a) <= 128^16 = 2^112 between two logs: short of overflow
+/// (more classes take the general loop, one log1p per pixel).
 constexpr int kLogEvery = 16;
-static_assert(kMaxFixedC <= 8, "kLogEvery is sized for s <= 8");
+constexpr int64_t kMaxLogProductC = 128;
+static_assert(kMaxFixedC <= kMaxLogProductC, "the fixed-C copies keep their logs as running products");
 
 template <typename acc_t, int kC>
 struct LogProducts {
@@ -489,7 +491,7 @@ DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Ti
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], target(k)); });
   } else if (o.activation == kSoftmax) {
     Vec r, sm1;
-    softmax_pixel(x, e, C, r, sm1);  // (cross-entropy with labels and fixed C: forward_chunk_softmax)
+    softmax_pixel(x, e, C, r, sm1);  // (cross-entropy with labels, C <= 128: forward_chunk_softmax)
     const Vec ls = sm1.log1p();  // log s: one log per pixel
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       const Vec tk = target(k);
@@ -608,37 +610,42 @@ DICE_INLINE void backward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const T
   }
 }
 
-/// forward_chunk of the common training steps (softmax, label targets, fixed C; Dice alone or, kCE,
-/// with cross-entropy) in a loop of their own: only the accumulators these rows need are live in it,
-/// so few values spill to the stack (the general loop, which serves every variant, keeps its 5 C
-/// accumulators and its tiles there).  T, a count of labels, is summed from the codes afterwards.
-/// The same expressions in the same order as forward_vector: the sums are bit-identical to the
-/// general loop's.
+/// forward_chunk of the common training steps (softmax, label targets; Dice alone with fixed C, or
+/// kCE, with cross-entropy and C <= kMaxLogProductC) in a loop of their own: only the accumulators
+/// these rows need are live in it, so in the fixed-C copies few values spill to the stack (the
+/// general loop, which serves every variant, keeps its 5 C accumulators and its tiles there), and
+/// the log s parts of the cross-entropy rows are running products (LogProducts).  T, a count of
+/// labels, is summed from the codes after the loop (in it in the general copy, whose accumulators
+/// are in memory).  The Dice rows use the same expressions in the same order as forward_vector:
+/// their sums are bit-identical to the general loop's.
 template <typename scalar_t, int kC, bool kCE, typename acc_t = acc_type<scalar_t>>
-void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t m_begin, int64_t m_end, const acc_t* codes,
-                           acc_t* stage, int power, acc_t* dst) {
+void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int64_t m_begin, int64_t m_end,
+                           const acc_t* codes, acc_t* stage, int power, acc_t* dst) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
+  const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
   const Vec zero(acc_t(0));
-  Tile<acc_t, kC> x(kC), e(kC), ai(kC), ap(kC), at(kC), ax(kC), al(kC);  // X, L: -d parts (kCE)
-  LogProducts<acc_t, kC> lp(kCE ? kC : 0);
-  for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = ax[k] = al[k] = zero; });
+  Tile<acc_t, kC> x(C), e(C), ai(C), ap(C), at(C), ax(C), al(C);  // X, L: -d parts (kCE)
+  LogProducts<acc_t, kC> lp(kCE ? C : 0);
+  for_channels<kC>(C, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = ax[k] = al[k] = zero; });
   int64_t vectors = 0;
   for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
-    load_channels<scalar_t, acc_t, kC>(xb, Lx, kC, m0, cnt, stage, x);
+    load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
     const Vec code = Vec::loadu(codes + (m0 - m_begin));
     const Vec valid = code != Vec(acc_t(kIgnored));
     const auto dice = [&](auto k, const Vec& p_raw) DICE_LAMBDA {
       const Vec p = Vec::blendv(zero, p_raw, valid);
-      ai[k] = ai[k] + p * code.eq(Vec(acc_t(k)));
+      const Vec t = code.eq(Vec(acc_t(k)));
+      ai[k] = ai[k] + p * t;
       ap[k] = ap[k] + pow_q(p, power);
+      if constexpr (kC == 0) at[k] = at[k] + t;  // t^q = t; with the tiles in memory, cheaper here than after
     };
     if constexpr (kCE) {  // forward_vector's cross-entropy with label targets
       Vec r, sm1;
-      softmax_pixel(x, e, kC, r, sm1);
+      softmax_pixel(x, e, C, r, sm1);
       lp.mul(lp.a_all, sm1 & valid);
-      for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+      for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
         const Vec is_k = code == Vec(acc_t(k));
         dice(k, e[k] * r);
         lp.mul(lp.a[k], sm1 & is_k);
@@ -646,26 +653,26 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t m_begin
         ax[k] = ax[k] + (nd & is_k);
         al[k] = al[k] + nd;
       });
-      if (++vectors % kLogEvery == 0) lp.flush(kC);
+      if (++vectors % kLogEvery == 0) lp.flush(C);
     } else {
-      activate(x, kC, kSoftmax);
-      for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { dice(k, x[k]); });
+      activate(x, C, kSoftmax);
+      for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k]); });
     }
   }
-  for (int64_t j = 0; j < m_end - m_begin; j += V) {
+  for (int64_t j = 0; kC > 0 && j < m_end - m_begin; j += V) {
     const Vec code = Vec::loadu(codes + j);
-    for_channels<kC>(kC, [&](auto k) DICE_LAMBDA { at[k] = at[k] + pow_q(code.eq(Vec(acc_t(k))), power); });
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { at[k] = at[k] + pow_q(code.eq(Vec(acc_t(k))), power); });
   }
-  for_channels<kC>(kC, [&](auto k) DICE_LAMBDA {
+  for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
     dst[k] = lane_sum(ai[k]);
-    dst[kC + k] = lane_sum(ap[k]);
-    dst[2 * kC + k] = lane_sum(at[k]);
+    dst[C + k] = lane_sum(ap[k]);
+    dst[2 * C + k] = lane_sum(at[k]);
     if constexpr (kCE) {
-      dst[3 * kC + k] = lane_sum(ax[k]);
-      dst[4 * kC + k] = lane_sum(al[k]);
+      dst[3 * C + k] = lane_sum(ax[k]);
+      dst[4 * C + k] = lane_sum(al[k]);
     }
   });
-  if constexpr (kCE) lp.add_logs(kC, dst);
+  if constexpr (kCE) lp.add_logs(C, dst);
 }
 
 /// One forward task: pixels [m_begin, m_end) of one image -> its (rows, C) partial sums in dst
@@ -677,12 +684,14 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
-  if constexpr (kLabels && kC > 0) {
-    if (o.activation == kSoftmax && o.pixel_loss == kPixelNone) {
-      return forward_chunk_softmax<scalar_t, kC, false>(xb, Lx, m_begin, m_end, codes, stage, o.power, dst);
+  if constexpr (kLabels) {
+    if constexpr (kC > 0) {  // (the general copy's Dice alone measured ~5 % faster in the loop below)
+      if (o.activation == kSoftmax && o.pixel_loss == kPixelNone) {
+        return forward_chunk_softmax<scalar_t, kC, false>(xb, Lx, C, m_begin, m_end, codes, stage, o.power, dst);
+      }
     }
-    if (o.activation == kSoftmax && o.pixel_loss == kPixelCE) {
-      return forward_chunk_softmax<scalar_t, kC, true>(xb, Lx, m_begin, m_end, codes, stage, o.power, dst);
+    if (o.activation == kSoftmax && o.pixel_loss == kPixelCE && C <= kMaxLogProductC) {
+      return forward_chunk_softmax<scalar_t, kC, true>(xb, Lx, C, m_begin, m_end, codes, stage, o.power, dst);
     }
   }
   const int rows = o.rows();
