@@ -695,8 +695,8 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
 template <typename scalar_t, bool kLabels, int kC, typename acc_t = acc_type<scalar_t>>
 void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, const Layout& Lt,
                                 int64_t C_, int64_t m_begin, int64_t m_end, const acc_t* codes,
-                                const LabelsAhead& ahead, acc_t* stage,
-                                const DiceOptions& o, const FocalGamma& fg, acc_t* dst) {
+                                const LabelsAhead& ahead, acc_t* stage, const DiceOptions& o, const FocalGamma& fg,
+                                acc_t* dst) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
@@ -740,8 +740,7 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
 template <typename scalar_t, int kC, bool kCE, typename acc_t = acc_type<scalar_t>>
 void backward_chunk_softmax(const scalar_t* xb, const Layout& Lx, scalar_t* ob, const Layout& Lg, int64_t C_,
                             int64_t m_begin, int64_t m_end, const acc_t* codes, const LabelsAhead& ahead,
-                            acc_t* stage, int power,
-                            const acc_t* grad) {
+                            acc_t* stage, int power, const acc_t* grad) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
@@ -778,8 +777,7 @@ template <typename scalar_t, bool kLabels, int kC, typename acc_t = acc_type<sca
 void backward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, const Layout& Lt,
                                  scalar_t* ob, const Layout& Lg, int64_t C_, int64_t m_begin, int64_t m_end,
                                  const acc_t* codes, const LabelsAhead& ahead, acc_t* stage, const DiceOptions& o,
-                                 const FocalGamma& fg,
-                                 const acc_t* grad) {
+                                 const FocalGamma& fg, const acc_t* grad) {
   using Vec = Vectorized<acc_t>;
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
