@@ -205,7 +205,7 @@ def _thp_mode():
 
 
 @pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this system")
-@pytest.mark.parametrize("mib", [40, 8])  # a fresh mmap from glibc every step; a block from its heap
+@pytest.mark.parametrize("mib", [40, 8])  # above and below glibc's 32 MiB mmap-threshold ceiling
 def test_large_gradient_asks_for_huge_pages(mib):
     """A gradient of 4 MiB or more (fresh pages whenever glibc mmaps it or has trimmed its heap) is
     advised MADV_HUGEPAGE, so the backward's first writes fault once per 2 MiB instead of once per
