@@ -198,10 +198,14 @@ def test_matches_reference(backend, dtype, activation, pixel_loss, gamma, kind, 
 # registers) and a general copy; C = 9 is the general copy's smallest, and from C = 129 its softmax
 # cross-entropy leaves the running log products for a log per pixel.  Each (activation, pixel loss)
 # meets a tail vector, channels-last or transposed input (the staged paths), or several pixel chunks.
+# (The power of case i is 1 + i % 2.)
 CHANNEL_COUNT_CASES = [("softmax", "ce", 0.0, "labels", None, "contiguous", (5, 13)),
                        ("softmax", "focal", 2.0, "labels_u8", 2, "channels_last", (3, 4, 7)),
                        ("sigmoid", "ce", 0.0, "labels_i32", -1, "contiguous", (4101,)),
-                       ("sigmoid", "focal", 0.5, "labels", 255, "transposed", (6, 5))]
+                       ("sigmoid", "focal", 0.5, "labels", 255, "transposed", (6, 5)),
+                       # the two-vector loop of the softmax cross-entropy, with ignored pixels, q = 1 and 2
+                       ("softmax", "ce", 0.0, "labels", 0, "contiguous", (37, 5)),
+                       ("softmax", "ce", 0.0, "labels_i32", -1, "contiguous", (37, 5))]
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu kernel's channel-count copies")

@@ -180,9 +180,10 @@ def _channel_counts(activations):
 
 @pytest.mark.parametrize("activation,c", _channel_counts(["softmax", "sigmoid", "none"]))
 def test_every_channel_count(activation, c):
-    for i, (kind, ignore_index, channels_last, spatial) in enumerate(FIXED_C_CASES):
+    for kind, ignore_index, channels_last, spatial in FIXED_C_CASES:
         x, t = make(2, c, spatial, kind, activation, torch.float32, ignore_index, channels_last, seed=c)
-        check_op(x, t, activation, 1 + i % 2, ignore_index)
+        for power in (1, 2):  # q is a compile-time constant of the two-vector loops
+            check_op(x, t, activation, power, ignore_index)
 
 
 @pytest.mark.parametrize("activation,c", _channel_counts(["argmax", "threshold"]))
