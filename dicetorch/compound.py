@@ -91,7 +91,9 @@ def _pixel_loss(s: Tensor, counted: Tensor, target_is_labels: bool, *, kind: str
     C = s.shape[-1]
     w = torch.ones_like(X) if weight is None else weight
     if kind == "ce" and activation == "softmax":
-        num = (1.0 - label_smoothing) * (w * X).sum() + (label_smoothing / C) * (w * L).sum()
+        num = (1.0 - label_smoothing) * (w * X).sum()
+        if label_smoothing != 0:  # else no L term: 0 * L is NaN where a masked (-inf) logit makes L inf
+            num = num + (label_smoothing / C) * (w * L).sum()
         den = (w * T).sum() if target_is_labels else counted[0]
     elif kind == "ce":
         num, den = (w * L).sum(), counted[0] * C

@@ -21,7 +21,7 @@ Hard activations (evaluation only, no gradient) make p a 0/1 prediction per elem
 Pixel losses (``pixel_loss`` "ce" or "focal") add two rows of per-class sums of an element term e,
 computed from the same logits, so a compound loss (Dice + cross-entropy / focal) is one operator::
 
-    X[n,k] = sum_m t * e          L[n,k] = sum_m e
+    X[n,k] = sum_m t * e          L[n,k] = sum_m e          (t * e := 0 where t == 0 and e == +inf)
 
     softmax, "ce":     e = -log p_k = lse(z) - z_k
     sigmoid, "ce":     e = softplus(z) - t z                       (binary cross-entropy with logits)
@@ -33,6 +33,7 @@ and focal alpha are per-class constants there).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -156,7 +157,10 @@ def dice_stats_reference(
         e = pixel_term(x.to(p.dtype), t, activation, pixel_loss, gamma)
         if keep is not None:
             e = torch.where(keep, e, torch.zeros((), dtype=e.dtype, device=e.device))
-        rows += [(t * e).sum(-1), e.sum(-1)]
+        # t * e, but 0 where t == 0 and e == +inf (the kernels' target_times): a channel masked with
+        # -inf logits has e = -log 0 = inf, and pixels not of that class add 0 (t log p -> 0), not NaN
+        te = torch.where((t == 0) & (e == math.inf), torch.zeros((), dtype=e.dtype, device=e.device), t * e)
+        rows += [te.sum(-1), e.sum(-1)]
     return torch.stack(rows, dim=1)
 
 

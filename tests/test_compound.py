@@ -54,6 +54,26 @@ def test_softmax_ce_equals_cross_entropy(backend, ignore, weighted, smoothing):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_softmax_ce_masked_channel(backend, weighted, reduction):
+    """A channel masked to -inf (never a label) costs nothing, as in F.cross_entropy: its infinite
+    L row must not reach the loss without label smoothing (0 * inf would make it NaN)."""
+    x, t = _case(3, c=4)
+    x[:, 3] = -math.inf
+    t = t % 3
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5], dtype=torch.float64) if weighted else None
+    ours = _grads(lambda z: dt.dice_ce_loss(z, t, ce_weight=w, lambda_dice=0.0, reduction=reduction,
+                                            backend=backend), x)
+    ref = _grads(lambda z: Fn.cross_entropy(z, t, weight=w, reduction=reduction), x)
+    assert math.isfinite(float(ours[0]))
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-10, atol=1e-14)
+    both = dt.dice_ce_loss(x, t, ce_weight=w, reduction=reduction, backend=backend)  # with the Dice part
+    assert math.isfinite(float(both))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 def test_softmax_ce_probability_targets(backend, smoothing):
     x, _ = _case(2)
