@@ -203,7 +203,7 @@ CHANNEL_COUNT_CASES = [("softmax", "ce", 0.0, "labels", None, "contiguous", (5, 
                        ("softmax", "focal", 2.0, "labels_u8", 2, "channels_last", (3, 4, 7)),
                        ("sigmoid", "ce", 0.0, "labels_i32", -1, "contiguous", (4101,)),
                        ("sigmoid", "focal", 0.5, "labels", 255, "transposed", (6, 5)),
-                       # the two-vector loop of the softmax cross-entropy, with ignored pixels, q = 1 and 2
+                       # the softmax cross-entropy's own fixed-C loop over many vectors, ignored pixels, q = 1, 2
                        ("softmax", "ce", 0.0, "labels", 0, "contiguous", (37, 5)),
                        ("softmax", "ce", 0.0, "labels_i32", -1, "contiguous", (37, 5))]
 

@@ -715,31 +715,19 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
     }
   };
   int64_t m0 = m_begin;
-  if constexpr (kC > 0) {
-    // full vectors of planar input, two per iteration (softmax_two; with the cross-entropy, two
-    // softmax_pixel chains side by side, measured -3 to +5 % at 4 classes), each accumulator
-    // updated in pixel order, so the sums are the one-vector loop's
+  if constexpr (kC > 0 && !kCE) {
+    // full vectors of planar input, two per iteration (softmax_two), each accumulator updated in
+    // pixel order, so the sums are the one-vector loop's.  (With the cross-entropy, two softmax_pixel
+    // chains side by side measured -3 to +5 % at 4 classes: no clear gain for its build time.)
     const auto pair = [&](auto q) DICE_LAMBDA {
-      Tile<acc_t, kC> y(C), f(kCE ? C : 0);
+      Tile<acc_t, kC> y(C);
       for (; Lx.planar && m0 + 2 * V <= m_end; m0 += 2 * V) {
         const Vec c0 = Vec::loadu(codes + (m0 - m_begin)), c1 = Vec::loadu(codes + (m0 + V - m_begin));
         ahead(m0 - m_begin);
         ahead(m0 + V - m_begin);
-        if constexpr (kCE) {
-          Vec r0, r1, s0, s1;
-          for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-            x[k] = load_vec<scalar_t, acc_t>(xb + k * Lx.sC + m0);
-            y[k] = load_vec<scalar_t, acc_t>(xb + k * Lx.sC + m0 + V);
-          });
-          softmax_pixel(x, e, C, r0, s0);
-          softmax_pixel(y, f, C, r1, s1);
-          rows(x, e, r0, s0, c0, q);
-          rows(y, f, r1, s1, c1, q);
-        } else {
-          softmax_two<scalar_t, acc_t, kC>(xb, Lx, m0, x, y);
-          rows(x, e, zero, zero, c0, q);
-          rows(y, e, zero, zero, c1, q);
-        }
+        softmax_two<scalar_t, acc_t, kC>(xb, Lx, m0, x, y);
+        rows(x, e, zero, zero, c0, q);
+        rows(y, e, zero, zero, c1, q);
       }
     };
     with_power(power, pair);
