@@ -238,6 +238,20 @@ def test_int64_kernels_compute_the_same(monkeypatch):
     torch.testing.assert_close(got[1], expect[1], rtol=0, atol=0)
 
 
+def test_split_gamma_keeps_a_float64_exponent():
+    """A float argument reaches a compiled kernel as float32; the focal exponent travels as two
+    float32 halves that the float64 kernels add (the interpreter passes Python floats, so only this
+    test sees the rounding that a GPU would)."""
+    import numpy as np
+
+    for g in (1.3, 0.1, 2.5, 1e-3, 7.0, 0.0, 123.456):
+        hi, lo = tk.split_gamma(g)
+        assert float(np.float32(hi)) == hi and abs(hi - g) <= abs(g) * 2**-24
+        joined = float(np.float32(hi)) + float(np.float32(lo))  # what tl.cast(., fp64) gets in the kernel
+        assert abs(joined - g) <= abs(g) * 2**-46, (g, joined)
+    assert tk.split_gamma(1e39) == (1e39, 0.0)
+
+
 def test_launch_config_heuristic():
     for C in (1, 2, 3, 4, 8, 16, 21, 128, 129, 1024, 5000):
         for dtype in DTYPES:

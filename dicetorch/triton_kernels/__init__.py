@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import struct
 from typing import Optional
 
 import torch
@@ -300,6 +301,17 @@ def _device_ctx(x: Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
+def split_gamma(gamma: float) -> tuple:
+    """(hi, lo): float32 ``hi`` nearest ``gamma`` and the rest, so that hi + lo is ``gamma`` to about
+    2**-48 in a float64 kernel (a float argument reaches a compiled Triton kernel as float32)."""
+    gamma = float(gamma)
+    try:
+        hi = struct.unpack("f", struct.pack("f", gamma))[0]
+    except OverflowError:  # beyond float32: the float32 kernels see inf either way
+        return gamma, 0.0
+    return hi, gamma - hi
+
+
 def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Optional[int],
             pixel_loss: str = "none", gamma: float = 2.0, *, config: Optional[LaunchConfig] = None,
             programs_per_image: Optional[int] = None) -> Tensor:
@@ -345,9 +357,9 @@ def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Opt
 
         def args(P, partials):
             if not cfg.chunked:
-                return (x, t, partials, M, P, num_tiles, ign, float(gamma), *x.stride(), *stride_t)
+                return (x, t, partials, M, P, num_tiles, ign, *split_gamma(gamma), *x.stride(), *stride_t)
             return (x, t, partials if lse is None else lse, partials, C, M, programs // N, P, num_tiles, ign,
-                    float(gamma), *x.stride(), *stride_t)
+                    *split_gamma(gamma), *x.stride(), *stride_t)
 
         if programs_per_image is None:
             probe = torch.empty((programs, rows, C), dtype=acc, device=x.device)  # shapes do not matter here
@@ -397,12 +409,12 @@ def backward(grad: Tensor, x: Tensor, t: Tensor, activation: str, power: int, ig
         if not cfg.chunked:
             const.update(_tile_constexprs(x, t, labels, cfg), O_MODE=_operand_mode(out, cfg))
             _tile_bwd_kernel[(N * tiles,)](
-                grad, x, t, out, M, tiles, ign, float(gamma), *x.stride(), *stride_t, *out.stride(),
+                grad, x, t, out, M, tiles, ign, *split_gamma(gamma), *x.stride(), *stride_t, *out.stride(),
                 num_warps=cfg.num_warps, **const,
             )
         else:
             _dice_bwd_kernel[(N * tiles,)](
-                grad, x, t, out, C, M, tiles, ign, float(gamma), *x.stride(), *stride_t, *out.stride(),
+                grad, x, t, out, C, M, tiles, ign, *split_gamma(gamma), *x.stride(), *stride_t, *out.stride(),
                 num_warps=cfg.num_warps, **const,
             )
     return out

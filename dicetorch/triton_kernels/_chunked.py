@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._tile import _pixel_term, _sigmoid_pixel_dz, _softmax_pixel_h, _t_times
+from ._tile import _join_gamma, _pixel_term, _sigmoid_pixel_dz, _softmax_pixel_h, _t_times
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers (inlined into the kernels)
@@ -166,10 +166,10 @@ def _argmax_kernel(
     tl.store(idx_ptr + n * M + offs_m, idx.to(idx_ptr.dtype.element_ty), mask=mmask)
 
 
-@triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles", "gamma"])  # see _tile_fwd_kernel
+@triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles", "gamma", "gamma_lo"])  # see _tile_fwd_kernel
 def _dice_fwd_kernel(
     x_ptr, t_ptr, lse_ptr, part_ptr,
-    C, M, num_chunks, programs_per_image, num_tiles, ignore_index, gamma,
+    C, M, num_chunks, programs_per_image, num_tiles, ignore_index, gamma, gamma_lo,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     ACTIVATION: tl.constexpr, POWER: tl.constexpr, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr,
@@ -182,6 +182,7 @@ def _dice_fwd_kernel(
     Program id = (n * programs_per_image + j) * num_chunks + chunk; each program handles BLOCK_C
     channels, and the softmax uses the per-pixel log-sum-exp from _softmax_lse_kernel.
     """
+    gamma = _join_gamma(gamma, gamma_lo, FP64)
     pid = tl.program_id(0)
     chunk = pid % num_chunks
     n, j = _image_and_tile(pid // num_chunks, programs_per_image, INT64)
@@ -256,10 +257,10 @@ def _grad_p(gi, gp, p, t, POWER: tl.constexpr):
     return gi[:, None] * t + 2.0 * gp[:, None] * p
 
 
-@triton.jit(do_not_specialize=["gamma"])
+@triton.jit(do_not_specialize=["gamma", "gamma_lo"])
 def _dice_bwd_kernel(
     grad_ptr, x_ptr, t_ptr, out_ptr,
-    C, M, tiles_per_image, ignore_index, gamma,
+    C, M, tiles_per_image, ignore_index, gamma, gamma_lo,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     stride_on, stride_oc, stride_om,
@@ -269,6 +270,7 @@ def _dice_bwd_kernel(
 ):
     """dL/dx of one (image, pixel tile), written in the output's dtype and strides (with the pixel
     loss's gradient when PIXEL != 0)."""
+    gamma = _join_gamma(gamma, gamma_lo, FP64)
     n, j = _image_and_tile(tl.program_id(0), tiles_per_image, INT64)
     x_base = x_ptr + n * stride_xn
     t_base = t_ptr + n * stride_tn

@@ -306,6 +306,16 @@ def _tile_math(tgt, x_raw, tile, M, ignore_index, C: tl.constexpr, ACTIVATION: t
 
 
 @triton.jit
+def _join_gamma(gamma, gamma_lo, FP64: tl.constexpr):
+    """The focal exponent from its two float32 halves (gamma = hi + lo, see ``split_gamma``): a
+    float argument reaches a compiled kernel as float32, which would round 1.3 in a float64 kernel."""
+    if FP64:
+        return tl.cast(gamma, tl.float64) + tl.cast(gamma_lo, tl.float64)
+    else:
+        return gamma
+
+
+@triton.jit
 def _pow(q, gamma, GAMMA: tl.constexpr):
     """q ** gamma for q >= 0: GAMMA 0, 1, 2 are exact products (no exp); -1: the general power."""
     if GAMMA == 0:
@@ -430,10 +440,10 @@ def _fold(v, BLOCK_M: tl.constexpr, PX: tl.constexpr, BLOCK_C: tl.constexpr):
 
 # the grid-shape arguments are not specialized: a warm-up compile (to size the grid from the
 # kernel's registers) then builds the very kernel that the launch runs
-@triton.jit(do_not_specialize=["programs_per_image", "num_tiles", "gamma"])
+@triton.jit(do_not_specialize=["programs_per_image", "num_tiles", "gamma", "gamma_lo"])
 def _tile_fwd_kernel(
     x_ptr, t_ptr, part_ptr,
-    M, programs_per_image, num_tiles, ignore_index, gamma,
+    M, programs_per_image, num_tiles, ignore_index, gamma, gamma_lo,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     C: tl.constexpr, ACTIVATION: tl.constexpr, POWER: tl.constexpr, LABELS: tl.constexpr,
@@ -446,6 +456,7 @@ def _tile_fwd_kernel(
     PIXEL: 0 none, 1 cross-entropy, 2 focal (rows X, L of the pixel loss's element term e); GAMMA:
     the focal exponent when it is 0, 1 or 2 (products), else -1 (the run-time ``gamma``).
     """
+    gamma = _join_gamma(gamma, gamma_lo, FP64)
     pid = tl.program_id(0)
     n = pid // programs_per_image
     j = pid % programs_per_image
@@ -499,10 +510,10 @@ def _tile_fwd_kernel(
         tl.store(part + 4 * C + offs_c, tl.sum(acc_l, axis=0), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["gamma"])
+@triton.jit(do_not_specialize=["gamma", "gamma_lo"])
 def _tile_bwd_kernel(
     grad_ptr, x_ptr, t_ptr, out_ptr,
-    M, tiles_per_image, ignore_index, gamma,
+    M, tiles_per_image, ignore_index, gamma, gamma_lo,
     stride_xn, stride_xc, stride_xm,
     stride_tn, stride_tc, stride_tm,
     stride_on, stride_oc, stride_om,
@@ -513,6 +524,7 @@ def _tile_bwd_kernel(
 ):
     """dL/dx of one (image, tile): g = gI*t + gP*q*p^(q-1), then the activation's Jacobian, plus the
     pixel loss's gradient (PIXEL, GAMMA as in the forward)."""
+    gamma = _join_gamma(gamma, gamma_lo, FP64)
     pid = tl.program_id(0)
     n = pid // tiles_per_image
     tile = pid % tiles_per_image
