@@ -163,8 +163,8 @@ def _stats(input, target, *, activation, power, ignore_index, backend, pixel_los
     if not by_count:
         ops.check_target_values(input, target, ignore_index)
     stats = ops.dice_stats(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
-    if by_count and not ops.all_labels_counted(stats, input):
-        ops.check_target_values(input, target, ignore_index)  # raises, naming the labels found
+    if by_count:
+        ops.check_labels_by_count(stats, input, target, ignore_index)
     return stats
 
 
