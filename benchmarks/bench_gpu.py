@@ -6,8 +6,10 @@ labels and the default soft Dice (softmax, include_background, smooth 1e-5), it
 1. checks every method against ``dicetorch.DiceLoss(backend="reference")`` on the same device and
    inputs -- loss and input gradient, max abs and relative error printed -- and refuses to time a
    method that disagrees beyond the dtype's tolerance (:data:`TOLERANCE`);
-2. times forward, backward and forward+backward (CUDA events, medians after warmup) and measures
-   the peak memory above the inputs (``torch.cuda.max_memory_allocated``);
+2. times forward, backward and forward+backward (CUDA events, medians after warmup), the same step
+   replayed from a CUDA graph (the GPU's own time: an eager step of a fast loss is bound by the CPU
+   issuing its kernels, which a training step's other work hides), and measures the peak memory
+   above the inputs (``torch.cuda.max_memory_allocated``);
 3. puts each time on a roofline: the bytes the design says must move (forward reads the logits and
    labels once; backward reads them once more and writes the gradient once: 3 x logits + 2 x labels
    for a training step) over the time, as a fraction of the device's nominal DRAM bandwidth
@@ -17,14 +19,16 @@ labels and the default soft Dice (softmax, include_background, smooth 1e-5), it
 Methods: ``dicetorch-triton`` and ``dicetorch-cuda`` (``dicetorch.DiceLoss(backend=...)``),
 ``reference`` (plain PyTorch, op by op), ``monai`` (``monai.losses.DiceLoss(softmax=True,
 to_onehot_y=True)``), ``compiled-reference`` (``torch.compile`` of the reference statistics and the
-same soft-Dice formula).
+same soft-Dice formula).  Losses (``--losses``): ``dice`` as above, and ``dicece``, the same methods
+for Dice + cross-entropy (``dicetorch.DiceCELoss``, one fused pass; ``monai.losses.DiceCELoss``;
+the compiled reference plus ``F.cross_entropy``).
 
 Results go to ``benchmarks/results/`` (CSV and markdown, git-ignored) and the table is printed.
 Without a CUDA device it says so and exits 0.  ``--device cpu --quick`` runs the same code on tiny
 shapes on the CPU (Triton in its interpreter, torch.compile with the aot_eager backend): a test of
 the script, not a measurement.
 
-    python benchmarks/bench_gpu.py [--cases 2d,3d] [--dtypes fp32,bf16] [--reps 20] [--warmup 5]
+    python benchmarks/bench_gpu.py [--cases 2d,3d] [--dtypes fp32,bf16] [--losses dice,dicece] [--reps 20]
     python benchmarks/bench_gpu.py --device cpu --quick
 """
 from __future__ import annotations
@@ -51,6 +55,9 @@ NOMINAL_TBPS = [  # (substring of the device name, nominal DRAM bandwidth in TB/
     ("T4", 0.32),
 ]
 METHODS = ("dicetorch-triton", "dicetorch-cuda", "reference", "monai", "compiled-reference")
+# dice: DiceLoss / monai.losses.DiceLoss; dicece: DiceCELoss / monai.losses.DiceCELoss (the Dice above
+# plus F.cross_entropy, one fused pass in dicetorch)
+LOSSES = ("dice", "dicece")
 # Largest accepted error against the reference, relative to the reference's magnitude (the loss, or
 # the largest gradient element).  Kernels compute in fp32 from the same rounded inputs (fast exp and
 # division: ~1e-6); MONAI and the op-by-op reference round intermediates to bf16/fp16.
@@ -63,6 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--cases", default="2d,3d", help="comma-separated subset of: " + ",".join(CASES))
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16,fp16")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of " + ",".join(LOSSES))
     ap.add_argument("--reps", type=int, default=20, help="timed repetitions (median is reported)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed repetitions first")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda (default) or cpu (smoke test)")
@@ -136,6 +144,41 @@ def measure(torch, loss_fn, x, y, timer, warmup, reps):
     return {k: statistics.median(v) for k, v in times.items()}, peak
 
 
+def graph_step_ms(torch, loss_fn, x, y, timer, reps):
+    """Median ms of a CUDA-graph replay of forward + backward: the GPU's own time for the step, without
+    the CPU's cost of issuing it (what a step costs inside a longer, GPU-bound training step), or None
+    where the method cannot be captured."""
+    if not timer.cuda:
+        return None
+    graph = None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up outside the capture
+            for _ in range(3):
+                x.grad = None
+                loss_fn(x, y).backward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        x.grad = None
+        with torch.cuda.graph(graph):
+            loss_fn(x, y).backward()
+        times = []
+        for _ in range(reps):
+            timer.sync()
+            timer.start()
+            graph.replay()
+            times.append(timer.stop())
+        return statistics.median(times)
+    except Exception as exc:  # e.g. a host synchronization inside the method
+        print(f"    (no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+        return None
+    finally:
+        x.grad = None
+        del graph
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth(torch, device, timer, nbytes, reps=10) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted): the practical peak."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
@@ -169,14 +212,15 @@ def must_move_bytes(x, y) -> dict:
 # ----------------------------------------------------------------------------------------------
 # the contenders
 # ----------------------------------------------------------------------------------------------
-def soft_dice_plain(torch, stats_fn):
+def soft_dice_plain(torch, stats_fn, with_ce=False):
     """The soft Dice epilogue (default DiceLoss: smooth 1e-5, mean over images and classes) on
-    plain-PyTorch statistics, for torch.compile."""
+    plain-PyTorch statistics, plus ``F.cross_entropy`` with ``with_ce``, for torch.compile."""
     def loss(x, y, eps=1e-5):
         n, c = x.shape[:2]
         s = stats_fn(x.reshape(n, c, -1), y.reshape(n, -1))
         dice = (2 * s[:, 0] + eps) / (s[:, 1] + s[:, 2] + eps)
-        return (1 - dice).mean()
+        out = (1 - dice).mean()
+        return out + torch.nn.functional.cross_entropy(x, y) if with_ce else out
 
     return loss
 
@@ -195,29 +239,32 @@ def reference_stats(torch, R):
     return stats
 
 
-def build_methods(torch, dicetorch, names, device, compile_backend):
-    """name -> (loss_fn(x, labels) or None, reason when unavailable)."""
+def build_methods(torch, dicetorch, names, device, compile_backend, loss="dice"):
+    """name -> (loss_fn(x, labels) or None, reason when unavailable), for ``loss`` in :data:`LOSSES`."""
     from dicetorch import reference as R
 
+    ce = loss == "dicece"
+    ours = dicetorch.DiceCELoss if ce else dicetorch.DiceLoss
     out = {}
     avail = dicetorch.ops.available_backends(device)
     for name in names:
         if name in ("dicetorch-triton", "dicetorch-cuda"):
             b = name.split("-")[1]
-            out[name] = (dicetorch.DiceLoss(backend=b), None) if b in avail else \
+            out[name] = (ours(backend=b), None) if b in avail else \
                 (None, f"backend {b!r} not available on {device.type} (available: {avail})")
         elif name == "reference":
-            out[name] = (dicetorch.DiceLoss(backend="reference"), None)
+            out[name] = (ours(backend="reference"), None)
         elif name == "monai":
             try:
-                from monai.losses import DiceLoss as MonaiDice
+                from monai.losses import DiceCELoss as MonaiDiceCE, DiceLoss as MonaiDice
             except ImportError as exc:
                 out[name] = (None, f"monai not installed ({exc})")
                 continue
-            m = MonaiDice(softmax=True, to_onehot_y=True)
+            m = (MonaiDiceCE if ce else MonaiDice)(softmax=True, to_onehot_y=True)
             out[name] = (lambda x, y, m=m: m(x, y.unsqueeze(1)), None)
         elif name == "compiled-reference":
-            out[name] = (torch.compile(soft_dice_plain(torch, reference_stats(torch, R)), backend=compile_backend), None)
+            fn = soft_dice_plain(torch, reference_stats(torch, R), with_ce=ce)
+            out[name] = (torch.compile(fn, backend=compile_backend), None)
         else:
             raise SystemExit(f"unknown method {name!r}; choose from {METHODS}")
     return out
@@ -263,7 +310,12 @@ def run(args) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     cases = QUICK_CASES if args.quick else CASES
     compile_backend = "aot_eager" if device.type == "cpu" else "inductor"
-    methods = build_methods(torch, dicetorch, [m for m in args.methods.split(",") if m], device, compile_backend)
+    names = [m for m in args.methods.split(",") if m]
+    losses = [v for v in args.losses.split(",") if v]
+    for v in losses:
+        if v not in LOSSES:
+            raise SystemExit(f"unknown loss {v!r}; choose from {LOSSES}")
+    methods = {v: build_methods(torch, dicetorch, names, device, compile_backend, v) for v in losses}
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test, not a measurement)"
     copy_bw = copy_bandwidth(torch, device, timer, nbytes=(1 << 30) if device.type == "cuda" else 1 << 24)
@@ -273,6 +325,7 @@ def run(args) -> int:
           + (f", nominal {nominal / 1e9:.0f} GB/s" if nominal else " (no nominal figure for this device)"))
 
     rows = []
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     for case in args.cases.split(","):
         N, C, spatial = cases[case]
         for dname in args.dtypes.split(","):
@@ -281,77 +334,91 @@ def run(args) -> int:
             x = torch.randn((N, C, *spatial), device=device, dtype=dtype, generator=gen).requires_grad_(True)
             y = torch.randint(0, C, (N, *spatial), device=device, generator=gen)
             moved = must_move_bytes(x, y)
-            ref_loss = dicetorch.DiceLoss(backend="reference")(x, y)
-            ref_loss.backward()
-            ref_grad, x.grad = x.grad, None
-            ref_loss = ref_loss.detach()
             shape = f"{N}x{C}x{'x'.join(map(str, spatial))}"
             print(f"{case} {shape} {dname}: {moved['fwd+bwd'] / 1e6:.1f} MB must move per step; "
                   f"floor {moved['fwd+bwd'] / peak * 1e3:.3f} ms at {peak / 1e12:.2f} TB/s")
-            monai_ms = None
-            for name, (fn, why) in methods.items():
-                row = dict(case=case, shape=shape, dtype=dname, method=name, loss_err=None, grad_err=None,
-                           fwd_ms=None, bwd_ms=None, fwdbwd_ms=None, gbps=None, of_nominal=None, of_copy=None,
-                           fwd_of_peak=None, bwd_of_peak=None, peak_mib=None, vs_monai=None, note=why or "")
-                if fn is not None:
-                    try:
-                        ok, lerr, gerr, msg = check_against_reference(torch, fn, ref_loss, ref_grad, x, y, tol)
-                        row.update(loss_err=lerr, grad_err=gerr)
-                        print(f"  {name:20s} vs reference: {msg}" + ("" if ok else f"  -> REFUSED (tolerance {tol:g})"))
-                        if not ok:
-                            row["note"] = f"not timed: disagrees with the reference ({msg})"
-                        else:
-                            t, mem = measure(torch, fn, x, y, timer, args.warmup, args.reps)
-                            bw = moved["fwd+bwd"] / (t["fwd+bwd"] * 1e-3)
-                            row.update(fwd_ms=t["fwd"], bwd_ms=t["bwd"], fwdbwd_ms=t["fwd+bwd"], gbps=bw / 1e9,
-                                       of_nominal=bw / nominal if nominal else None, of_copy=bw / copy_bw,
-                                       fwd_of_peak=moved["fwd"] / (t["fwd"] * 1e-3) / peak,
-                                       bwd_of_peak=moved["bwd"] / (t["bwd"] * 1e-3) / peak,
-                                       peak_mib=None if mem is None else mem / 2**20)
-                    except Exception as exc:  # one failing contender must not hide the rest
-                        row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                if name == "monai":
-                    monai_ms = row["fwdbwd_ms"]
-                rows.append(row)
-                print(f"  {name:20s} fwd {fmt(row['fwd_ms']):>9} bwd {fmt(row['bwd_ms']):>9} fwd+bwd "
-                      f"{fmt(row['fwdbwd_ms']):>9} ms  {fmt(row['gbps'], '.0f'):>6} GB/s  peak "
-                      f"{fmt(row['peak_mib'], '.1f'):>8} MiB  {row['note']}")
-            for r in rows:
-                if r["case"] == case and r["dtype"] == dname and monai_ms and r["fwdbwd_ms"]:
-                    r["vs_monai"] = monai_ms / r["fwdbwd_ms"]
-            del x, y, ref_grad
-    write_results(args, rows, dev_name, copy_bw, nominal)
+            for loss in losses:
+                ours = dicetorch.DiceCELoss if loss == "dicece" else dicetorch.DiceLoss
+                ref_loss = ours(backend="reference")(x, y)
+                ref_loss.backward()
+                ref_grad, x.grad = x.grad, None
+                ref_loss = ref_loss.detach()
+                print(f"{case} {shape} {dname} {loss}:")
+                monai_ms = monai_graph = None
+                for name, (fn, why) in methods[loss].items():
+                    row = dict(case=case, shape=shape, dtype=dname, loss=loss, method=name, loss_err=None,
+                               grad_err=None, fwd_ms=None, bwd_ms=None, fwdbwd_ms=None, gbps=None, of_nominal=None,
+                               of_copy=None, fwd_of_peak=None, bwd_of_peak=None, peak_mib=None, vs_monai=None,
+                               graph_ms=None, graph_of_copy=None, graph_vs_monai=None, note=why or "")
+                    if fn is not None:
+                        try:
+                            ok, lerr, gerr, msg = check_against_reference(torch, fn, ref_loss, ref_grad, x, y, tol)
+                            row.update(loss_err=lerr, grad_err=gerr)
+                            print(f"  {name:20s} vs reference: {msg}" + ("" if ok else f"  -> REFUSED (tolerance {tol:g})"))
+                            if not ok:
+                                row["note"] = f"not timed: disagrees with the reference ({msg})"
+                            else:
+                                t, mem = measure(torch, fn, x, y, timer, args.warmup, args.reps)
+                                g = graph_step_ms(torch, fn, x, y, timer, args.reps)
+                                row.update(graph_ms=g, graph_of_copy=g and moved["fwd+bwd"] / (g * 1e-3) / copy_bw)
+                                bw = moved["fwd+bwd"] / (t["fwd+bwd"] * 1e-3)
+                                row.update(fwd_ms=t["fwd"], bwd_ms=t["bwd"], fwdbwd_ms=t["fwd+bwd"], gbps=bw / 1e9,
+                                           of_nominal=bw / nominal if nominal else None, of_copy=bw / copy_bw,
+                                           fwd_of_peak=moved["fwd"] / (t["fwd"] * 1e-3) / peak,
+                                           bwd_of_peak=moved["bwd"] / (t["bwd"] * 1e-3) / peak,
+                                           peak_mib=None if mem is None else mem / 2**20)
+                        except Exception as exc:  # one failing contender must not hide the rest
+                            row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    if name == "monai":
+                        monai_ms, monai_graph = row["fwdbwd_ms"], row["graph_ms"]
+                    rows.append(row)
+                    print(f"  {name:20s} fwd {fmt(row['fwd_ms']):>9} bwd {fmt(row['bwd_ms']):>9} fwd+bwd "
+                          f"{fmt(row['fwdbwd_ms']):>9} ms  {fmt(row['gbps'], '.0f'):>6} GB/s  peak "
+                          f"{fmt(row['peak_mib'], '.1f'):>8} MiB  {row['note']}")
+                for r in rows:
+                    if r["case"] == case and r["dtype"] == dname and r["loss"] == loss and monai_ms and r["fwdbwd_ms"]:
+                        r["vs_monai"] = monai_ms / r["fwdbwd_ms"]
+                    if r["case"] == case and r["dtype"] == dname and r["loss"] == loss and monai_graph and r["graph_ms"]:
+                        r["graph_vs_monai"] = monai_graph / r["graph_ms"]
+                del ref_grad
+            del x, y
+            write_results(args, rows, dev_name, copy_bw, nominal, stamp, final=False)  # a partial run keeps its rows
+    write_results(args, rows, dev_name, copy_bw, nominal, stamp)
     return 0
 
 
-def write_results(args, rows, dev_name, copy_bw, nominal):
+def write_results(args, rows, dev_name, copy_bw, nominal, stamp, final=True):
     os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(args.out, f"bench_gpu_{'quick_' if args.quick else ''}{args.device}_{stamp}")
     with open(base + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         w.writeheader()
         w.writerows(rows)
-    head = ["case", "shape", "dtype", "method", "err loss / grad", "fwd ms", "bwd ms", "fwd+bwd ms", "GB/s",
-            "of nominal", "of copy", "fwd / bwd of peak", "peak MiB", "× MONAI", "note"]
+    head = ["case", "shape", "dtype", "loss", "method", "err loss / grad", "fwd ms", "bwd ms", "fwd+bwd ms", "GB/s",
+            "of nominal", "of copy", "fwd / bwd of peak", "peak MiB", "× MONAI", "graph ms", "graph of copy",
+            "graph × MONAI", "note"]
     lines = [f"Device: {dev_name}. Copy bandwidth {copy_bw / 1e9:.0f} GB/s"
              + (f", nominal {nominal / 1e9:.0f} GB/s" if nominal else "")
              + f". Medians of {args.reps} repetitions after {args.warmup} warmup; GB/s counts the bytes that must "
-             "move (3 x logits + 2 x labels per step); peak memory above the inputs.",
+             "move (3 x logits + 2 x labels per step); peak memory above the inputs; graph: a CUDA-graph replay of the "
+             "step, the GPU's own time without the CPU's cost of issuing it.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         err = "" if r["loss_err"] is None else f"{r['loss_err']:.1e} / {r['grad_err']:.1e}"
         pct = (lambda v: "" if v is None else f"{v:.0%}")
         lines.append("| " + " | ".join([
-            r["case"], r["shape"], r["dtype"], r["method"], err, fmt(r["fwd_ms"]), fmt(r["bwd_ms"]),
+            r["case"], r["shape"], r["dtype"], r["loss"], r["method"], err, fmt(r["fwd_ms"]), fmt(r["bwd_ms"]),
             fmt(r["fwdbwd_ms"]), fmt(r["gbps"], ".0f"), pct(r["of_nominal"]), pct(r["of_copy"]),
             "" if r["fwd_of_peak"] is None else f"{r['fwd_of_peak']:.0%} / {r['bwd_of_peak']:.0%}",
-            fmt(r["peak_mib"], ".1f"), fmt(r["vs_monai"], ".2f"), r["note"].replace("|", "/")]) + " |")
+            fmt(r["peak_mib"], ".1f"), fmt(r["vs_monai"], ".2f"), fmt(r["graph_ms"]), pct(r["graph_of_copy"]),
+            fmt(r["graph_vs_monai"], ".2f"), r["note"].replace("|", "/")]) + " |")
     table = "\n".join(lines)
     with open(base + ".md", "w") as f:
         f.write(table + "\n")
+    if not final:
+        return
     print()
     print(table)
     print(f"\nwrote {base}.csv and {base}.md")
