@@ -684,7 +684,7 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;  // a constant in the fixed-C copies
   const Vec zero(acc_t(0));
-  Tile<acc_t, kC> x(C), e(C), ai(C), ap(C), at(C), ax(C), al(C);  // X, L: -d parts (kCE)
+  Tile<acc_t, kC> x(C), e(C), ai(C), ap(C), at(C), ax(C), al(C);  // X, L: sums of d, negated at the end (kCE)
   LogProducts<acc_t, kC> lp(kCE ? C : 0);
   for_channels<kC>(C, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = ax[k] = al[k] = zero; });
   int64_t vectors = 0;
@@ -692,26 +692,27 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
   const auto rows = [&](const Tile<acc_t, kC>& x, const Tile<acc_t, kC>& e, const Vec& r, const Vec& sm1,
                         const Vec& code, auto q) DICE_LAMBDA {
     const Vec valid = code != Vec(acc_t(kIgnored));
-    const auto dice = [&](auto k, const Vec& p_raw) DICE_LAMBDA {
+    const auto dice = [&](auto k, const Vec& p_raw, const Vec& t) DICE_LAMBDA {  // t: 1.0 / 0.0
       const Vec p = Vec::blendv(zero, p_raw, valid);
-      const Vec t = code.eq(Vec(acc_t(k)));
       ai[k] = ai[k] + p * t;
       ap[k] = ap[k] + pow_q(p, q);
       if constexpr (kC == 0) at[k] = at[k] + t;  // t^q = t; with the tiles in memory, cheaper here than after
     };
     if constexpr (kCE) {  // forward_vector's cross-entropy with label targets
+      // the -d parts are summed as d <= 0 and negated once at the end (exact: the same sums); the
+      // class mask serves t, the log product and X (an ignored code matches no class)
+      const Vec one(acc_t(1));
       lp.mul(lp.a_all, sm1 & valid);
       for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
         const Vec is_k = code == Vec(acc_t(k));
-        dice(k, e[k] * r);
+        dice(k, e[k] * r, is_k & one);
         lp.mul(lp.a[k], sm1 & is_k);
-        const Vec nd = x[k].neg() & valid;  // -d_k >= 0 (+inf for a -inf logit)
-        ax[k] = ax[k] + (nd & is_k);
-        al[k] = al[k] + nd;
+        ax[k] = ax[k] + (x[k] & is_k);  // d_k <= 0 (-inf for a -inf logit)
+        al[k] = al[k] + (x[k] & valid);
       });
       if (++vectors % kLogEvery == 0) lp.flush(C);
     } else {
-      for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k]); });
+      for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], code.eq(Vec(acc_t(k)))); });
     }
   };
   int64_t m0 = m_begin;
@@ -755,8 +756,8 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
     dst[C + k] = lane_sum(ap[k]);
     dst[2 * C + k] = lane_sum(at[k]);
     if constexpr (kCE) {
-      dst[3 * C + k] = lane_sum(ax[k]);
-      dst[4 * C + k] = lane_sum(al[k]);
+      dst[3 * C + k] = -lane_sum(ax[k]);
+      dst[4 * C + k] = -lane_sum(al[k]);
     }
   });
   if constexpr (kCE) lp.add_logs(C, dst);
