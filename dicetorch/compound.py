@@ -89,23 +89,26 @@ def _pixel_loss(s: Tensor, counted: Tensor, target_is_labels: bool, *, kind: str
     """The pixel loss from batch-summed stats (1, 5, C) and counted pixels (1,) (see the module doc)."""
     X, L, T = s[0, 3], s[0, 4], s[0, 2]
     C = s.shape[-1]
-    w = torch.ones_like(X) if weight is None else weight
+
+    def wsum(v):  # sum_k w_k v_k; without weights no ones tensor (each op is a launch and an autograd node)
+        return v.sum() if weight is None else (weight * v).sum()
+
     if kind == "ce" and activation == "softmax":
-        num = (1.0 - label_smoothing) * (w * X).sum()
+        num = wsum(X)
         if label_smoothing != 0:  # else no L term: 0 * L is NaN where a masked (-inf) logit makes L inf
-            num = num + (label_smoothing / C) * (w * L).sum()
-        den = (w * T).sum() if target_is_labels else counted[0]
+            num = (1.0 - label_smoothing) * num + (label_smoothing / C) * wsum(L)
+        den = wsum(T) if target_is_labels else counted[0]
     elif kind == "ce":
-        num, den = (w * L).sum(), counted[0] * C
+        num, den = wsum(L), counted[0] * C
     else:
         if alpha is None:
-            num = (w * (X if activation == "softmax" else L)).sum()
+            num = wsum(X if activation == "softmax" else L)
         elif activation == "softmax":
             a = torch.full_like(X, alpha)
             a[0] = 1.0 - alpha
-            num = (a * w * X).sum()
+            num = wsum(a * X)
         else:
-            num = (w * (alpha * X + (1.0 - alpha) * (L - X))).sum()
+            num = wsum(alpha * X + (1.0 - alpha) * (L - X))
         den = counted[0] * C
     return num / den if reduction == "mean" else num
 
