@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import struct
 from typing import Optional
 
@@ -307,7 +308,9 @@ def split_gamma(gamma: float) -> tuple:
     gamma = float(gamma)
     try:
         hi = struct.unpack("f", struct.pack("f", gamma))[0]
-    except OverflowError:  # beyond float32: the float32 kernels see inf either way
+    except OverflowError:
+        hi = math.inf
+    if math.isinf(hi):  # beyond float32: the float32 kernels see inf either way
         return gamma, 0.0
     return hi, gamma - hi
 
