@@ -241,7 +241,8 @@ _RESIDENT_CACHE: dict = {}
 
 def _resident_on(arch: int):
     """Stand-in for the module's resident-programs hook: compile for ``arch``, apply its limits."""
-    def resident(kernel, args, constexprs, num_warps, device):
+    def resident(kernel, make_args, dtypes, constexprs, num_warps, device):
+        args = make_args()
         kwargs = dict(constexprs, num_warps=num_warps)
         key = kb.compile_key(kernel, args, kwargs, arch)
         if key not in _RESIDENT_CACHE:

@@ -92,6 +92,7 @@ def layout_of(a: Tensor) -> str:
     return "strided"
 
 
+@functools.lru_cache(maxsize=4096)  # on the hot path of every call: a pure function of its arguments
 def launch_config(C: int, M: int, dtype: torch.dtype, backward: bool = False, layout: str = "contiguous",
                   pixel_loss: bool = False) -> LaunchConfig:
     """Heuristic tile shape for C channels, M pixels per image, input ``dtype`` and ``layout``.
@@ -212,18 +213,18 @@ def _num_sms(device: torch.device) -> int:
 _RESIDENT: dict = {}
 
 
-def _resident_programs(kernel, args: tuple, constexprs: dict, num_warps: int, device: torch.device) -> int:
+def _resident_programs(kernel, make_args, dtypes: tuple, constexprs: dict, num_warps: int,
+                       device: torch.device) -> int:
     """Programs of ``kernel`` resident per SM, from the compiled kernel's registers and shared memory.
 
-    Compiles the specialization (``warmup``: the launch that follows reuses it) once per kernel,
-    constexprs, argument dtypes and device; DEFAULT_RESIDENT off the GPU.
+    Compiles the specialization (``warmup`` of ``make_args()``: the launch that follows reuses it)
+    once per kernel, constexprs, tensor dtypes and device; DEFAULT_RESIDENT off the GPU.
     """
     if device.type != "cuda":
         return DEFAULT_RESIDENT
-    key = (kernel, device.index, num_warps, tuple(sorted(constexprs.items())),
-           tuple(a.dtype if isinstance(a, Tensor) else type(a) for a in args))
+    key = (kernel, device.index, num_warps, tuple(sorted(constexprs.items())), dtypes)
     if key not in _RESIDENT:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **constexprs)
+        compiled = kernel.warmup(*make_args(), grid=(1,), num_warps=num_warps, **constexprs)
         compiled._init_handles()
         props = torch.cuda.get_device_properties(device)
         _RESIDENT[key] = occupancy(compiled.n_regs, compiled.metadata.shared, num_warps, major=props.major,
@@ -365,8 +366,10 @@ def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Opt
                     *split_gamma(gamma), *x.stride(), *stride_t)
 
         if programs_per_image is None:
-            probe = torch.empty((programs, rows, C), dtype=acc, device=x.device)  # shapes do not matter here
-            resident = _resident_programs(kernel, args(1, probe), const, cfg.num_warps, x.device)
+            def probe_args():  # for the one compile per specialization (shapes do not matter there)
+                return args(1, torch.empty((programs, rows, C), dtype=acc, device=x.device))
+            resident = _resident_programs(kernel, probe_args, (x.dtype, t.dtype, acc), const, cfg.num_warps,
+                                          x.device)
             programs_per_image = persistent_programs(programs, num_tiles, resident, _num_sms(x.device))
         P = max(1, min(num_tiles, programs_per_image))
         P = triton.cdiv(num_tiles, triton.cdiv(num_tiles, P))  # no idle programs; counts differ by <= 1
