@@ -144,6 +144,25 @@ def measure(torch, loss_fn, x, y, timer, warmup, reps):
     return {k: statistics.median(v) for k, v in times.items()}, peak
 
 
+def capture_step(torch, loss_fn, x, y, warmup=3):
+    """(graph, loss): ``loss_fn(x, y)`` and its backward captured in a CUDA graph, after ``warmup``
+    eager steps on a side stream (compilation and first allocations stay out of the capture).
+    ``graph.replay()`` recomputes the loss and ``x.grad`` from the current contents of x and y."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            x.grad = None
+            loss_fn(x, y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = loss_fn(x, y)
+        loss.backward()
+    return graph, loss
+
+
 def graph_step_ms(torch, loss_fn, x, y, timer, reps):
     """Median ms of a CUDA-graph replay of forward + backward: the GPU's own time for the step, without
     the CPU's cost of issuing it (what a step costs inside a longer, GPU-bound training step), or None
@@ -152,17 +171,7 @@ def graph_step_ms(torch, loss_fn, x, y, timer, reps):
         return None
     graph = None
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up outside the capture
-            for _ in range(3):
-                x.grad = None
-                loss_fn(x, y).backward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        x.grad = None
-        with torch.cuda.graph(graph):
-            loss_fn(x, y).backward()
+        graph, _ = capture_step(torch, loss_fn, x, y)
         times = []
         for _ in range(reps):
             timer.sync()

@@ -214,18 +214,10 @@ def test_cuda_graph_capture_and_replay(backend):
     x = make_input(2, 4, shape[2:], torch.float32, "contiguous", "softmax", gen).requires_grad_(True)
     y = make_target(2, 4, shape[2:], torch.float32, "labels", torch.int64, 255, x, gen)
     loss_fn = dt.DiceLoss(backend=backend, ignore_index=255)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compilation, allocator) outside the capture
-        for _ in range(3):
-            x.grad = None
-            loss_fn(x, y).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    x.grad = None
-    with torch.cuda.graph(graph):
-        static_loss = loss_fn(x, y)
-        static_loss.backward()
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_gpu
+
+    graph, static_loss = bench_gpu.capture_step(torch, loss_fn, x, y)  # the benchmark's own capture
     static_grad = x.grad
 
     new_x = make_input(2, 4, shape[2:], torch.float32, "contiguous", "softmax", gen)
