@@ -326,7 +326,8 @@ def _checks_on_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[int]) -> None:
+def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[int],
+                        labels_bad: Optional[Tensor] = None) -> None:
     """Eager-mode value checks of the target (skipped under ``torch.compile`` and ``torch.func``).
 
     * labels must lie in [0, C-1] ([0, 1] for C == 1) apart from ``ignore_index``;
@@ -335,6 +336,7 @@ def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[in
     Kernels never need these for memory safety (labels are compared, not used as addresses): they
     turn a silent "matches no class" or a meaningless negative volume into a clear error.  On CUDA
     the check runs on the device (see :func:`_data_check`): the eager hot path never synchronizes.
+    ``labels_bad``: the label range verdict, when it is already known (:func:`check_labels_by_count`).
     """
     if torch.compiler.is_compiling() or target.dtype == torch.bool or torch._C._are_functorch_transforms_active():
         return  # traced code and functorch transforms cannot branch on data
@@ -342,7 +344,9 @@ def check_target_values(input: Tensor, target: Tensor, ignore_index: Optional[in
     if _is_label_target(input, target):
         hi = 1 if c == 1 else c - 1
         info = torch.iinfo(target.dtype)
-        if ignore_index is not None and info.min <= ignore_index <= info.max:  # else no label equals it
+        if labels_bad is not None:
+            bad = labels_bad
+        elif ignore_index is not None and info.min <= ignore_index <= info.max:  # else no label equals it
             bad = (((target < 0) | (target > hi)) & (target != ignore_index)).any()
         else:
             lo_found, hi_found = torch.aminmax(target.reshape(-1))
@@ -395,12 +399,9 @@ def check_labels_by_count(stats: Tensor, input: Tensor, target: Tensor, ignore_i
     (``stats[:, 2]``) sums to its pixel count, raise as :func:`check_target_values` does, naming the
     labels found (CPU), or fail a device assert (CUDA: no host synchronization)."""
     bad = stats.detach()[:, 2].sum(1).ne(math.prod(input.shape[2:])).any()  # exact: <= 2^24 in all
-    if _checks_on_host(bad.device):
-        if bool(bad):
-            check_target_values(input, target, ignore_index)  # raises, naming the labels found
-        return
-    c = input.shape[1]
-    _data_check(bad, lambda on_device=False: f"target labels must lie in [0, {c - 1}] for C={c} channels")
+    if _checks_on_host(bad.device) and not bool(bad):
+        return  # valid labels are never read
+    check_target_values(input, target, ignore_index, bad)
 
 
 # ----------------------------------------------------------------------------------------------

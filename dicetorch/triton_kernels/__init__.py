@@ -359,11 +359,13 @@ def forward(x: Tensor, t: Tensor, activation: str, power: int, ignore_index: Opt
                 num_warps=lcfg.num_warps,
             )
 
+        gammas = split_gamma(gamma)
+
         def args(P, partials):
             if not cfg.chunked:
-                return (x, t, partials, M, P, num_tiles, ign, *split_gamma(gamma), *x.stride(), *stride_t)
+                return (x, t, partials, M, P, num_tiles, ign, *gammas, *x.stride(), *stride_t)
             return (x, t, partials if lse is None else lse, partials, C, M, programs // N, P, num_tiles, ign,
-                    *split_gamma(gamma), *x.stride(), *stride_t)
+                    *gammas, *x.stride(), *stride_t)
 
         if programs_per_image is None:
             def probe_args():  # for the one compile per specialization (shapes do not matter there)

@@ -166,7 +166,8 @@ def _argmax_kernel(
     tl.store(idx_ptr + n * M + offs_m, idx.to(idx_ptr.dtype.element_ty), mask=mmask)
 
 
-@triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles", "gamma", "gamma_lo"])  # see _tile_fwd_kernel
+# see _tile_fwd_kernel
+@triton.jit(do_not_specialize=["num_chunks", "programs_per_image", "num_tiles", "gamma", "gamma_lo"])
 def _dice_fwd_kernel(
     x_ptr, t_ptr, lse_ptr, part_ptr,
     C, M, num_chunks, programs_per_image, num_tiles, ignore_index, gamma, gamma_lo,
