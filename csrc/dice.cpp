@@ -6,6 +6,8 @@
 //       with pixel_loss "ce" / "focal" (compound losses) also stats[:,3] = X = sum_m t*e and
 //       stats[:,4] = L = sum_m e for the element term e of the pixel loss (dicetorch/reference.py):
 //       stats is (N, 3, C), or (N, 5, C) with a pixel loss
+//   fused_forward_codes(same arguments) -> (stats, codes), CPU only: also each pixel's code as one
+//       byte (N, M) uint8, read by the backward as its labels with ignore_index = 254
 //   fused_backward(grad, x, t, activation, power, ignore_index, pixel_loss, gamma) -> dL/dx, like x
 //       g = gI*t + gP*q*p^(q-1);  softmax: p*(g - sum_j p_j g_j);  sigmoid: g*p*(1-p);  none: g
 //       plus the pixel loss's gradient with weights w = gX*t + gL; grad is (N, 3 or 5, C)
@@ -33,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <string>
 #include <vector>
 
@@ -170,6 +173,29 @@ at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_vie
   }
 }
 
+/// The forward of a training step on label targets: the stats, and each pixel's code as one byte
+/// (N, M) uint8 (dice_math.h, saved_code) for the backward to read as its labels, with
+/// ignore_index = 254.  That backward reads 1 byte per pixel instead of a label (8 with int64): on a
+/// 4-class 3D image the labels are twice the logits' bytes, and the backward is bound by memory.
+std::tuple<at::Tensor, at::Tensor> forward_codes_cpu(const at::Tensor& x, const at::Tensor& t,
+                                                     c10::string_view activation, int64_t power,
+                                                     std::optional<int64_t> ignore_index,
+                                                     c10::string_view pixel_loss, double gamma) {
+  const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
+  TORCH_CHECK(!t.is_floating_point(), "dicetorch: fused_forward_codes needs integer label targets");
+  TORCH_CHECK(x.size(1) >= 2 && x.size(1) <= kMaxSavedClasses,
+              "dicetorch: fused_forward_codes needs 2 <= C <= ", kMaxSavedClasses, " channels, got ", x.size(1));
+  at::Tensor codes = at::empty({x.size(0), x.size(2)}, t.options().dtype(at::kByte));
+  uint8_t* save = codes.mutable_data_ptr<uint8_t>();
+  switch (cpu_cap()) {
+#ifdef DICETORCH_CPU_X86
+    case Cap::kAvx512: return {cpu::AVX512::forward(x, t, o, save), codes};
+    case Cap::kAvx2: return {cpu::AVX2::forward(x, t, o, save), codes};
+#endif
+    default: return {cpu::DEFAULT::forward(x, t, o, save), codes};
+  }
+}
+
 at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,
                         c10::string_view activation, int64_t power, std::optional<int64_t> ignore_index,
                         c10::string_view pixel_loss, double gamma) {
@@ -277,6 +303,9 @@ TORCH_LIBRARY_FRAGMENT(dicetorch, m) {
   m.def(
       "fused_backward(Tensor grad, Tensor input, Tensor target, str activation, int power, int? ignore_index, "
       "str pixel_loss=\"none\", float gamma=2.0) -> Tensor");
+  m.def(
+      "fused_forward_codes(Tensor input, Tensor target, str activation, int power, int? ignore_index, "
+      "str pixel_loss=\"none\", float gamma=2.0) -> (Tensor, Tensor)");
   m.def("_softmax_normaliser(Tensor x) -> Tensor");
   m.def("_softmax_normaliser_lanes(Tensor x, int lanes) -> Tensor");
 }
@@ -284,6 +313,7 @@ TORCH_LIBRARY_FRAGMENT(dicetorch, m) {
 TORCH_LIBRARY_IMPL(dicetorch, CPU, m) {
   m.impl("fused_forward", &forward_cpu);
   m.impl("fused_backward", &backward_cpu);
+  m.impl("fused_forward_codes", &forward_codes_cpu);
   m.impl("_softmax_normaliser", &softmax_normaliser_cpu);
   m.impl("_softmax_normaliser_lanes", &softmax_normaliser_lanes_cpu);
 }

@@ -24,7 +24,8 @@ namespace cpu {
 // Implemented once per CPU capability (csrc/cpu/dice_cpu*.cpp, namespaces DEFAULT/AVX2/AVX512).
 #define DICETORCH_DECLARE_CPU(CAP)                                                              \
   namespace CAP {                                                                               \
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o);           \
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o,            \
+                     uint8_t* save = nullptr);                                                   \
   void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& grad_x, \
                 const DiceOptions& o);                                                          \
   }

@@ -65,6 +65,16 @@ DICE_HD int label_code(L label, int64_t num_classes, bool has_ignore, int64_t ig
   return static_cast<int>((code & ~ignored) | (static_cast<int64_t>(kIgnored) & ignored));
 }
 
+// A training step's forward may save each pixel's code as one byte for its backward (the CPU's
+// fused_forward_codes): a channel index stays itself, kIgnored becomes 254, kNoMatch 255.  Read
+// back as uint8 labels with ignore_index = kSavedIgnored, they give the same codes while
+// C <= kMaxSavedClasses (channels 0 .. 253).
+constexpr int kSavedIgnored = 254;
+constexpr int64_t kMaxSavedClasses = 254;
+static_assert(static_cast<uint8_t>(kIgnored) == kSavedIgnored, "kIgnored saves as 254");
+
+DICE_HD uint8_t saved_code(int code) { return static_cast<uint8_t>(code); }
+
 /// sigmoid(x) from e = exp(-x):  1 / (1 + e).
 template <typename T>
 DICE_HD T sigmoid_from_exp(T e) {

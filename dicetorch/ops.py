@@ -101,6 +101,10 @@ class _Extension:
     def backward(grad, input, target, activation, power, ignore_index, *pixel):
         return torch.ops.dicetorch.fused_backward(grad, input, target, activation, power, ignore_index, *pixel)
 
+    @staticmethod
+    def forward_codes(input, target, activation, power, ignore_index, *pixel):
+        return torch.ops.dicetorch.fused_forward_codes(input, target, activation, power, ignore_index, *pixel)
+
 
 class _Reference:
     forward = staticmethod(reference.dice_stats_reference)
@@ -421,6 +425,26 @@ def _needs_reference(input: Tensor, target: Tensor) -> bool:
     return forward_ad._current_level >= 0 and forward_ad.unpack_dual(input).tangent is not None
 
 
+# One-byte label codes (csrc/dice_math.h, saved_code): the CPU forward saves them for its backward.
+SAVED_IGNORE_INDEX = 254  # the code of an ignored pixel; 255 matches no class
+_MAX_SAVED_CLASSES = 254
+
+
+def _saves_label_codes(input: Tensor, target: Tensor, activation: str, backend: str) -> bool:
+    """Whether the forward of ``backend`` (resolved) also returns one-byte label codes (N, M) for the
+    backward: the C++ CPU kernel, a differentiable activation, label targets wider than a byte and
+    2 <= C <= 254.  The backward then reads 1 byte per pixel instead of each label (8 with int64: on
+    a 4-class 3D image twice the logits' bytes, in a backward bound by memory traffic).  They cost
+    N*M bytes from the forward to the backward, 1/(4C) of float32 logits."""
+    return (backend == "cpu" and activation not in HARD_ACTIVATIONS and target.dtype != torch.uint8
+            and 2 <= input.shape[1] <= _MAX_SAVED_CLASSES and _is_label_target(input, target))
+
+
+def _codes_like(input: Tensor, saved: bool) -> Tensor:
+    """The codes output's shape: (N, M) where codes are saved, else (0,) (no codes)."""
+    return input.new_empty((input.shape[0], math.prod(input.shape[2:])) if saved else (0,), dtype=torch.uint8)
+
+
 def dice_stats(
     input: Tensor,
     target: Tensor,
@@ -475,7 +499,7 @@ def dice_stats(
                              "pass target.detach()")
         x, t = canonical(input, target)
         return reference.dice_stats_reference(x, t, activation, power, ignore_index, pixel_loss, gamma)
-    return dice_stats_op(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
+    return dice_stats_op(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)[0]
 
 
 @torch.library.custom_op("dicetorch::dice_stats", mutates_args=())
@@ -488,20 +512,31 @@ def dice_stats_op(
     backend: str,
     pixel_loss: str = "none",
     gamma: float = 2.0,
-) -> Tensor:
-    """The custom operator behind :func:`dice_stats` (same arguments, no coercion)."""
+) -> tuple[Tensor, Tensor]:
+    """The custom operator behind :func:`dice_stats` (same arguments, no coercion).
+
+    Returns ``(stats, codes)``: the stats of :func:`dice_stats`, and for the backward either the
+    one-byte label codes (N, M) uint8 (see :func:`_saves_label_codes`) or an empty (0,) tensor.
+    """
     check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
     x, t = canonical(input, target)
-    impl = _impl(resolve_backend(backend, input.device, activation, pixel_loss))
-    if pixel_loss == "none":  # the three-row signature every backend has
-        return impl.forward(x, t, activation, power, ignore_index)
-    return impl.forward(x, t, activation, power, ignore_index, pixel_loss, gamma)
+    name = resolve_backend(backend, input.device, activation, pixel_loss)
+    impl = _impl(name)
+    args = (x, t, activation, power, ignore_index)
+    if pixel_loss != "none":  # the three-row signature every backend has
+        args += (pixel_loss, gamma)
+    if _saves_label_codes(input, target, activation, name):
+        stats, codes = impl.forward_codes(*args)
+        return stats, codes
+    return impl.forward(*args), _codes_like(input, False)
 
 
 @dice_stats_op.register_fake
 def _(input, target, activation, power, ignore_index, backend, pixel_loss="none", gamma=2.0):
     check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
-    return input.new_empty((input.shape[0], stats_rows(pixel_loss), input.shape[1]), dtype=acc_dtype(input.dtype))
+    stats = input.new_empty((input.shape[0], stats_rows(pixel_loss), input.shape[1]), dtype=acc_dtype(input.dtype))
+    saved = _saves_label_codes(input, target, activation, resolve_backend(backend, input.device, activation, pixel_loss))
+    return stats, _codes_like(input, saved)
 
 
 def _like_input(g: Tensor, input: Tensor) -> Tensor:
@@ -554,11 +589,14 @@ def _setup_context(ctx, inputs, output):
         raise ValueError(
             "target requires grad, but dice_stats gives no gradient to the target; pass target.detach()"
         )
+    codes = output[1]
+    if codes.dim() == 2:  # the forward saved one-byte label codes: the backward reads them instead
+        target, ignore_index = codes, SAVED_IGNORE_INDEX
     ctx.save_for_backward(input, target)
     ctx.args = (activation, power, ignore_index, backend, pixel_loss, gamma)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, _codes_grad=None):
     input, target = ctx.saved_tensors
     grad_input = None
     if ctx.needs_input_grad[0] and ctx.args[0] in HARD_ACTIVATIONS:

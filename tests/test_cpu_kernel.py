@@ -167,6 +167,48 @@ def test_fused_ops_directly():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("c,channels_last", [(4, False), (11, True)])  # a register copy; the general copy
+@pytest.mark.parametrize("activation,pixel_loss", [("softmax", "none"), ("sigmoid", "none"), ("softmax", "ce"),
+                                                    ("sigmoid", "focal")])
+def test_saved_label_codes(c, channels_last, activation, pixel_loss):
+    """The training forward saves each pixel's code as a byte; the backward reads those instead of
+    the labels and gives bit for bit the gradient that the same labels as uint8 (read directly) give."""
+    x, t = make(2, c, (5, 4101), "labels", activation, torch.float32, ignore_index=2, channels_last=channels_last)
+    stats, codes = ops.dice_stats_op(x, t, activation, 1, 2, "cpu", pixel_loss, 1.5)
+    lab = t.reshape(2, -1)
+    want = torch.where(lab == 2, 254, torch.where(lab < c, lab, 255)).to(torch.uint8)  # make() has labels 0..c
+    assert codes.dtype == torch.uint8 and torch.equal(codes, want)
+    g = torch.randn(stats.shape)
+    grads = []
+    for target in (t, t.to(torch.uint8)):  # uint8 labels: no codes saved, the labels are read
+        xx = x.clone().requires_grad_()
+        s, saved = ops.dice_stats_op(xx, target, activation, 1, 2, "cpu", pixel_loss, 1.5)
+        assert saved.dim() == (2 if target.dtype == torch.int64 else 1)
+        assert torch.equal(s, stats)
+        (s * g).sum().backward()
+        grads.append(xx.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert torch.equal(torch.ops.dicetorch.fused_backward(g, *ops.canonical(x, codes), activation, 1,
+                                                          ops.SAVED_IGNORE_INDEX, pixel_loss, 1.5),
+                       grads[0].reshape(2, c, -1))
+
+
+def test_label_codes_only_where_they_save_reads():
+    """Codes for the C++ kernel's differentiable activations on labels wider than a byte, 2 <= C <= 254."""
+    x = torch.randn(2, 3, 6)
+    lab = torch.randint(0, 3, (2, 6))
+    assert ops.dice_stats_op(x, lab, "softmax", 1, None, "cpu")[1].shape == (2, 6)
+    assert ops.dice_stats_op(x, lab.int(), "softmax", 1, None, "cpu")[1].shape == (2, 6)
+    for args in ((x, lab.to(torch.uint8), "softmax", "cpu"), (x, lab, "softmax", "reference"),
+                 (x, lab, "argmax", "cpu"), (x[:, :1], lab.clamp(max=1), "sigmoid", "cpu"),
+                 (x, torch.rand(2, 3, 6), "softmax", "cpu"), (torch.randn(1, 255, 4), lab[:1, :4], "softmax", "cpu")):
+        assert ops.dice_stats_op(args[0], args[1], args[2], 1, None, args[3])[1].shape == (0,), args[2:]
+    with pytest.raises(RuntimeError, match="integer label targets"):
+        torch.ops.dicetorch.fused_forward_codes(x, torch.rand(2, 3, 6), "softmax", 1, None)
+    with pytest.raises(RuntimeError, match="2 <= C <= 254"):
+        torch.ops.dicetorch.fused_forward_codes(x[:, :1], lab, "sigmoid", 1, None)
+
+
 # The kernel has one copy per channel count for float32 label targets with C <= 8 (tiles held in
 # registers) and a general copy; C = 9 is the general copy's smallest channel count.  Each case:
 # a tail vector, channels-last input (the staged path), and more than one pixel chunk (4101 pixels).
@@ -391,7 +433,10 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         g = torch.randn(2, 3, 5, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         s = torch.ops.dicetorch.fused_forward(xv, t, act, q, ign)
         r = reference.dice_stats_reference(xv, t, act, q, ign)
-        gx = torch.ops.dicetorch.fused_backward(g, xv, t, act, q, ign).double()
+        gx = torch.ops.dicetorch.fused_backward(g, xv, t, act, q, ign)
+        s2, codes = torch.ops.dicetorch.fused_forward_codes(xv, t, act, q, ign)
+        assert torch.equal(s2, s) and torch.equal(torch.ops.dicetorch.fused_backward(g, xv, codes, act, q, 254), gx)
+        gx = gx.double()
         gr = reference.dice_stats_backward_reference(g, xv, t, act, q, ign).double()
         worst = max(worst, float(((s - r).abs() / (1 + r.abs())).max()),
                     float((gx - gr).abs().max() / gr.abs().max()))

@@ -223,7 +223,7 @@ def test_result_never_requires_grad(activation):
 def test_backward_raises_clearly(backend):
     x, t = make(2, 3, (5, 5), "labels", torch.float32)
     x.requires_grad_()
-    out = ops.dice_stats_op(x, t, "argmax", 1, None, backend)  # the raw operator keeps the graph
+    out = ops.dice_stats_op(x, t, "argmax", 1, None, backend)[0]  # the raw operator keeps the graph
     with pytest.raises(RuntimeError, match="'argmax' .*no gradient"):
         out.sum().backward()
     xc, tc = ops.canonical(x.detach(), t)

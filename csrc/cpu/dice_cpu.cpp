@@ -302,9 +302,11 @@ DICE_INLINE void store_channels(scalar_t* base, const Layout& L, int64_t C, int6
 /// vector.  Filled once per chunk in a tight loop (which the compiler vectorizes) so that the tile
 /// loop reads the codes as whole vectors.  One function per label type, called through a pointer:
 /// the tile loops do not depend on the label type.
+/// With ``save`` (the forward of a training step, see forward()), label targets also leave each
+/// pixel's code there as one byte, for the backward to read instead of the labels.
 template <typename acc_t>
 using CodesFn = void (*)(const at::Tensor& t, int64_t n, int64_t m_begin, int64_t m_end, int64_t C,
-                         const DiceOptions& o, acc_t* codes);
+                         const DiceOptions& o, acc_t* codes, uint8_t* save);
 
 /// The next task's labels, prefetched into L2 one step per vector of pixels while this chunk's loop
 /// runs, so that its codes function reads them from the cache instead of waiting on a burst of
@@ -328,31 +330,41 @@ void pad_codes(int64_t len, acc_t* codes) {
 
 template <typename tgt_t, typename acc_t>
 void label_codes(const at::Tensor& t, int64_t n, int64_t m_begin, int64_t m_end, int64_t C, const DiceOptions& o,
-                 acc_t* codes) {
+                 acc_t* codes, uint8_t* save) {
   const int64_t stride = t.stride(1), len = m_end - m_begin;
   const tgt_t* lp = t.const_data_ptr<tgt_t>() + n * t.stride(0) + m_begin * stride;
-  // has_ignore as a compile-time constant of each loop keeps the loops branch-free
-  const auto fill = [&](auto has_ignore) {
+  // has_ignore and saving as compile-time constants of each loop keep the loops branch-free
+  const auto fill = [&](auto has_ignore, auto saving) {
     constexpr bool ign = decltype(has_ignore)::value;
+    const auto put = [&](int64_t j, tgt_t label) DICE_LAMBDA {
+      const int code = label_code(label, C, ign, o.ignore_index);
+      codes[j] = static_cast<acc_t>(code);
+      if constexpr (decltype(saving)::value) save[j] = saved_code(code);
+    };
     if (stride == 1) {
-      for (int64_t j = 0; j < len; ++j) codes[j] = static_cast<acc_t>(label_code(lp[j], C, ign, o.ignore_index));
+      for (int64_t j = 0; j < len; ++j) put(j, lp[j]);
     } else {
-      for (int64_t j = 0; j < len; ++j) {
-        codes[j] = static_cast<acc_t>(label_code(lp[j * stride], C, ign, o.ignore_index));
-      }
+      for (int64_t j = 0; j < len; ++j) put(j, lp[j * stride]);
     }
   };
-  if (o.has_ignore) {
-    fill(std::true_type{});
+  const auto fill_ign = [&](auto saving) {
+    if (o.has_ignore) {
+      fill(std::true_type{}, saving);
+    } else {
+      fill(std::false_type{}, saving);
+    }
+  };
+  if (save != nullptr) {
+    fill_ign(std::true_type{});
   } else {
-    fill(std::false_type{});
+    fill_ign(std::false_type{});
   }
   pad_codes(len, codes);
 }
 
 template <typename acc_t>
 void float_target_codes(const at::Tensor&, int64_t, int64_t m_begin, int64_t m_end, int64_t, const DiceOptions&,
-                        acc_t* codes) {
+                        acc_t* codes, uint8_t*) {
   std::fill(codes, codes + (m_end - m_begin), acc_t(0));
   pad_codes(m_end - m_begin, codes);
 }
@@ -886,7 +898,7 @@ static LabelsAhead labels_ahead(const at::Tensor& t, int64_t n, int64_t m_end) {
 
 template <typename scalar_t, bool kLabels, int kC>
 void forward_impl(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o, CodesFn<acc_type<scalar_t>> codes_fn,
-                  at::Tensor& partial) {
+                  at::Tensor& partial, uint8_t* save) {
   using acc_t = acc_type<scalar_t>;
   constexpr int V = Vectorized<acc_t>::size();
   const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
@@ -903,7 +915,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nchunks, chunk = task % nchunks;
       const int64_t m_begin = chunk * kCpuChunk, m_end = std::min(M, m_begin + kCpuChunk);
-      codes_fn(t, n, m_begin, m_end, C, o, codes.data());
+      codes_fn(t, n, m_begin, m_end, C, o, codes.data(), save == nullptr ? nullptr : save + n * M + m_begin);
       forward_chunk<scalar_t, kLabels, kC>(xp + n * Lx.sN, Lx, kLabels ? nullptr : tp + n * Lt.sN, Lt, C, m_begin,
                                            m_end, codes.data(), labels_ahead(t, n, m_end), stage.data(), o, fg,
                                            out + task * rows * C);
@@ -931,7 +943,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nchunks, chunk = task % nchunks;
       const int64_t m_begin = chunk * kCpuChunk, m_end = std::min(M, m_begin + kCpuChunk);
-      codes_fn(t, n, m_begin, m_end, C, o, codes.data());
+      codes_fn(t, n, m_begin, m_end, C, o, codes.data(), nullptr);
       backward_chunk<scalar_t, kLabels, kC>(xp + n * Lx.sN, Lx, kLabels ? nullptr : tp + n * Lt.sN, Lt,
                                             op + n * Lg.sN, Lg, C, m_begin, m_end, codes.data(),
                                             labels_ahead(t, n, m_end), stage.data(), o, fg,
@@ -962,7 +974,7 @@ void dispatch_target(const at::Tensor& t, int64_t C, F&& impl) {
   impl(std::true_type{}, std::integral_constant<int, 0>{}, fn);
 }
 
-at::Tensor forward(const at::Tensor& x_in, const at::Tensor& t_in, const DiceOptions& o) {
+at::Tensor forward(const at::Tensor& x_in, const at::Tensor& t_in, const DiceOptions& o, uint8_t* save) {
   const at::Tensor x = fast_layout(x_in);
   const at::Tensor t = t_in.is_floating_point() ? fast_layout(t_in) : t_in;
   const int64_t N = x.size(0), C = x.size(1), M = x.size(2);
@@ -972,7 +984,7 @@ at::Tensor forward(const at::Tensor& x_in, const at::Tensor& t_in, const DiceOpt
   at::Tensor partial = at::empty({N, nchunks, rows, C}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dicetorch_fused_forward_cpu", [&] {
     dispatch_target<scalar_t>(t, C, [&](auto labels, auto kc, auto codes_fn) {
-      forward_impl<scalar_t, decltype(labels)::value, decltype(kc)::value>(x, t, o, codes_fn, partial);
+      forward_impl<scalar_t, decltype(labels)::value, decltype(kc)::value>(x, t, o, codes_fn, partial, save);
     });
   });
   // Fixed-order second stage: chunk 0, 1, 2, ... of each image (not at::sum, whose order may

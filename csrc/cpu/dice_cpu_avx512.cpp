@@ -7,11 +7,12 @@
 #else
 #include "../dice.h"
 namespace dicetorch::cpu::AVX512 {
-at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o) {
-  return DEFAULT::forward(x, t, o);
+at::Tensor forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o, uint8_t* save) {
+  return DEFAULT::forward(x, t, o, save);
 }
-at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, const DiceOptions& o) {
-  return DEFAULT::backward(grad, x, t, o);
+void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t, at::Tensor& grad_x,
+              const DiceOptions& o) {
+  DEFAULT::backward(grad, x, t, grad_x, o);
 }
 }  // namespace dicetorch::cpu::AVX512
 #endif
