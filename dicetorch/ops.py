@@ -592,6 +592,7 @@ def _setup_context(ctx, inputs, output):
     codes = output[1]
     if codes.dim() == 2:  # the forward saved one-byte label codes: the backward reads them instead
         target, ignore_index = codes, SAVED_IGNORE_INDEX
+    ctx.set_materialize_grads(False)  # the codes get no gradient, not an (N, M) tensor of zeros
     ctx.save_for_backward(input, target)
     ctx.args = (activation, power, ignore_index, backend, pixel_loss, gamma)
 
@@ -599,6 +600,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, _codes_grad=None):
     input, target = ctx.saved_tensors
     grad_input = None
+    if grad is None:
+        return None, None, None, None, None, None, None, None
     if ctx.needs_input_grad[0] and ctx.args[0] in HARD_ACTIVATIONS:
         raise RuntimeError(reference.hard_backward_message(ctx.args[0]))
     if ctx.needs_input_grad[0]:
