@@ -691,9 +691,9 @@ DICE_INLINE void backward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const T
 /// these rows need are live in it, so in the fixed-C copies few values spill to the stack (the
 /// general loop, which serves every variant, keeps its 5 C accumulators and its tiles there), and
 /// the log s parts of the cross-entropy rows are running products (LogProducts).  T, a count of
-/// labels, is summed from the codes after the loop (in it in the general copy, whose accumulators
-/// are in memory).  The Dice rows use the same expressions in the same order as forward_vector:
-/// their sums are bit-identical to the general loop's.
+/// labels, adds the class masks I already needs (a second pass over the chunk's codes took 8 % of
+/// the 4-class Dice forward).  The Dice rows use the same expressions in the same order as
+/// forward_vector: their sums are bit-identical to the general loop's.
 template <typename scalar_t, int kC, bool kCE, typename acc_t = acc_type<scalar_t>>
 void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int64_t m_begin, int64_t m_end,
                            const acc_t* codes, const LabelsAhead& ahead, acc_t* stage, int power, acc_t* dst) {
@@ -713,7 +713,7 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
       const Vec p = Vec::blendv(zero, p_raw, valid);
       ai[k] = ai[k] + p * t;
       ap[k] = ap[k] + pow_q(p, q);
-      if constexpr (kC == 0) at[k] = at[k] + t;  // t^q = t; with the tiles in memory, cheaper here than after
+      at[k] = at[k] + t;  // t^q = t
     };
     if constexpr (kCE) {  // forward_vector's cross-entropy with label targets
       // the -d parts are summed as d <= 0 and negated once at the end (exact: the same sums); the
@@ -763,10 +763,6 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
       activate(x, C, kSoftmax);
       rows(x, e, zero, zero, code, power);
     }
-  }
-  for (int64_t j = 0; kC > 0 && j < m_end - m_begin; j += V) {
-    const Vec code = Vec::loadu(codes + j);
-    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { at[k] = at[k] + pow_q(code.eq(Vec(acc_t(k))), power); });
   }
   for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
     dst[k] = lane_sum(ai[k]);
