@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DICE_HD __host__ __device__ __forceinline__
@@ -55,14 +56,22 @@ constexpr int64_t kCpuChunk = 4096;        // pixels per CPU task
 /// as control flow).
 template <typename L>
 DICE_HD int label_code(L label, int64_t num_classes, bool has_ignore, int64_t ignore_index) {
-  const int64_t v = static_cast<int64_t>(label);
-  const int64_t k = num_classes == 1 ? v - 1 : v;         // the channel this label would match
+  // Byte labels (the backward's saved codes among them) in 32-bit arithmetic: twice the lanes of the
+  // CPU's vectorized loop; wider labels in 64-bit (v - 1 and the comparisons must not wrap).
+  using W = std::conditional_t<(sizeof(L) == 1), int32_t, int64_t>;
+  using U = std::make_unsigned_t<W>;
+  const W v = static_cast<W>(label);
+  const W k = num_classes == 1 ? v - 1 : v;  // the channel this label would match
   const int64_t classes = num_classes == 1 ? 1 : num_classes;
-  // all ones where k is a channel, else 0; k | ~in = k or -1 (kNoMatch)
-  const int64_t in = -static_cast<int64_t>(static_cast<uint64_t>(k) < static_cast<uint64_t>(classes));
-  const int64_t code = k | ~in;
-  const int64_t ignored = -static_cast<int64_t>(has_ignore & (v == ignore_index));
-  return static_cast<int>((code & ~ignored) | (static_cast<int64_t>(kIgnored) & ignored));
+  // all ones where k is a channel, else 0; k | ~in = k or -1 (kNoMatch).  A byte label's k is in
+  // [-1, 255]: comparing it with min(classes, 256) is comparing it with classes.
+  const W limit = static_cast<W>(classes < 256 ? classes : 256);
+  const W in = -static_cast<W>(sizeof(L) == 1 ? static_cast<U>(k) < static_cast<U>(limit)
+                                              : static_cast<uint64_t>(k) < static_cast<uint64_t>(classes));
+  const W code = k | ~in;
+  const bool fits = sizeof(L) > 1 || (ignore_index >= 0 && ignore_index <= 255);  // else no byte equals it
+  const W ignored = -static_cast<W>(has_ignore & fits & (v == static_cast<W>(ignore_index)));
+  return static_cast<int>((code & ~ignored) | (static_cast<W>(kIgnored) & ignored));
 }
 
 // A training step's forward may save each pixel's code as one byte for its backward (the CPU's

@@ -193,6 +193,21 @@ def test_saved_label_codes(c, channels_last, activation, pixel_loss):
                        grads[0].reshape(2, c, -1))
 
 
+@pytest.mark.parametrize("c", [1, 2, 4, 9, 254, 255, 300])
+def test_every_byte_label(c):
+    """uint8 labels take 32-bit arithmetic in the kernel (int32/int64 take 64-bit): every byte value,
+    with ignore_index inside, at the edges of and outside the byte range, counts as the reference
+    counts it (hard activation: exact integer sums)."""
+    lab = torch.arange(256, dtype=torch.uint8).repeat(2).reshape(2, 256)
+    x = torch.randn(2, c, 256, generator=torch.Generator().manual_seed(c))
+    activation = "threshold" if c == 1 else "argmax"
+    for ignore_index in (None, 0, 3, 253, 254, 255, -1, -100, 256, 1000):
+        for t in (lab, lab.long()):
+            got = torch.ops.dicetorch.fused_forward(x, t, activation, 1, ignore_index)
+            ref = reference.dice_stats_reference(x, t, activation, 1, ignore_index)
+            assert torch.equal(got, ref), (c, ignore_index, t.dtype)
+
+
 def test_label_codes_get_no_zero_gradient():
     """The codes are not differentiable: the backward builds no (N, M) gradient of zeros for them
     (autograd's default for an output without a gradient; it cost a fifth of a millisecond per step
