@@ -161,22 +161,26 @@ Cap cpu_cap() {
   return cap;
 }
 
-at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
-                       std::optional<int64_t> ignore_index, c10::string_view pixel_loss, double gamma) {
-  const DiceOptions o = check(x, t, activation, power, ignore_index, pixel_loss, gamma);
+/// The CPU forward in the copy for this CPU's instruction set; save: see forward_codes_cpu.
+at::Tensor cpu_forward(const at::Tensor& x, const at::Tensor& t, const DiceOptions& o, uint8_t* save) {
   switch (cpu_cap()) {
 #ifdef DICETORCH_CPU_X86
-    case Cap::kAvx512: return cpu::AVX512::forward(x, t, o);
-    case Cap::kAvx2: return cpu::AVX2::forward(x, t, o);
+    case Cap::kAvx512: return cpu::AVX512::forward(x, t, o, save);
+    case Cap::kAvx2: return cpu::AVX2::forward(x, t, o, save);
 #endif
-    default: return cpu::DEFAULT::forward(x, t, o);
+    default: return cpu::DEFAULT::forward(x, t, o, save);
   }
+}
+
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& t, c10::string_view activation, int64_t power,
+                       std::optional<int64_t> ignore_index, c10::string_view pixel_loss, double gamma) {
+  return cpu_forward(x, t, check(x, t, activation, power, ignore_index, pixel_loss, gamma), nullptr);
 }
 
 /// The forward of a training step on label targets: the stats, and each pixel's code as one byte
 /// (N, M) uint8 (dice_math.h, saved_code) for the backward to read as its labels, with
-/// ignore_index = 254.  That backward reads 1 byte per pixel instead of a label (8 with int64): on a
-/// 4-class 3D image the labels are twice the logits' bytes, and the backward is bound by memory.
+/// ignore_index = 254.  That backward reads 1 byte per pixel instead of a label (8 with int64: half
+/// the bytes of 4-class float32 logits, in a backward bound by memory traffic).
 std::tuple<at::Tensor, at::Tensor> forward_codes_cpu(const at::Tensor& x, const at::Tensor& t,
                                                      c10::string_view activation, int64_t power,
                                                      std::optional<int64_t> ignore_index,
@@ -186,14 +190,8 @@ std::tuple<at::Tensor, at::Tensor> forward_codes_cpu(const at::Tensor& x, const 
   TORCH_CHECK(x.size(1) >= 2 && x.size(1) <= kMaxSavedClasses,
               "dicetorch: fused_forward_codes needs 2 <= C <= ", kMaxSavedClasses, " channels, got ", x.size(1));
   at::Tensor codes = at::empty({x.size(0), x.size(2)}, t.options().dtype(at::kByte));
-  uint8_t* save = codes.mutable_data_ptr<uint8_t>();
-  switch (cpu_cap()) {
-#ifdef DICETORCH_CPU_X86
-    case Cap::kAvx512: return {cpu::AVX512::forward(x, t, o, save), codes};
-    case Cap::kAvx2: return {cpu::AVX2::forward(x, t, o, save), codes};
-#endif
-    default: return {cpu::DEFAULT::forward(x, t, o, save), codes};
-  }
+  at::Tensor stats = cpu_forward(x, t, o, codes.mutable_data_ptr<uint8_t>());
+  return {stats, codes};
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& t,

@@ -433,8 +433,8 @@ _MAX_SAVED_CLASSES = 254
 def _saves_label_codes(input: Tensor, target: Tensor, activation: str, backend: str) -> bool:
     """Whether the forward of ``backend`` (resolved) also returns one-byte label codes (N, M) for the
     backward: the C++ CPU kernel, a differentiable activation, label targets wider than a byte and
-    2 <= C <= 254.  The backward then reads 1 byte per pixel instead of each label (8 with int64: on
-    a 4-class 3D image twice the logits' bytes, in a backward bound by memory traffic).  They cost
+    2 <= C <= 254.  The backward then reads 1 byte per pixel instead of each label (8 with int64:
+    half the bytes of 4-class float32 logits, in a backward bound by memory traffic).  They cost
     N*M bytes from the forward to the backward, 1/(4C) of float32 logits."""
     return (backend == "cpu" and activation not in HARD_ACTIVATIONS and target.dtype != torch.uint8
             and 2 <= input.shape[1] <= _MAX_SAVED_CLASSES and _is_label_target(input, target))
@@ -526,8 +526,7 @@ def dice_stats_op(
     if pixel_loss != "none":  # the three-row signature every backend has
         args += (pixel_loss, gamma)
     if _saves_label_codes(input, target, activation, name):
-        stats, codes = impl.forward_codes(*args)
-        return stats, codes
+        return impl.forward_codes(*args)
     return impl.forward(*args), _codes_like(input, False)
 
 
@@ -598,10 +597,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, _codes_grad=None):
+    if grad is None:  # grads are not materialized: the stats were not used
+        return None, None, None, None, None, None, None, None
     input, target = ctx.saved_tensors
     grad_input = None
-    if grad is None:
-        return None, None, None, None, None, None, None, None
     if ctx.needs_input_grad[0] and ctx.args[0] in HARD_ACTIVATIONS:
         raise RuntimeError(reference.hard_backward_message(ctx.args[0]))
     if ctx.needs_input_grad[0]:
