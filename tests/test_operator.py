@@ -225,6 +225,76 @@ def test_deterministic():
     assert torch.equal(a, b)
 
 
+class _LogOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators dispatched (a dispatch mode: the registered operator must serve it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _profiled_ops(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind,activation,pixel_loss", [("labels", "softmax", "none"), ("labels", "softmax", "ce"),
+                                                        ("soft", "sigmoid", "focal"), ("labels_u8", "none", "none")])
+def test_eager_path_is_the_operator(backend, kind, activation, pixel_loss):
+    """In plain eager mode dice_stats runs the operator's implementation and backward through a plain
+    autograd.Function (without the dispatcher's Python layers); stats and gradient are bit for bit
+    those of the registered operator, which a dispatch mode still sees."""
+    if backend not in dt.ops.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} not built")
+    x, t = make_case(14, c=4, spatial=(5, 6), kind=kind, activation=activation, dtype=torch.float32,
+                     ignore_index=None)
+    args = (activation, 2 if kind == "soft" else 1, None, backend, pixel_loss, 1.5)
+    grad = torch.randn(2, 5 if pixel_loss != "none" else 3, 4)
+
+    def run(via_op):
+        xr = x.detach().clone().requires_grad_()
+        s = dt.ops.dice_stats_op(xr, t, *args)[0] if via_op else dt.ops.dice_stats(xr, t, *args)
+        s.backward(grad)
+        return s.detach(), xr.grad
+
+    assert dt.ops._plain_eager(x, t)
+    eager, op = run(False), run(True)
+    assert torch.equal(eager[0], op[0]) and torch.equal(eager[1], op[1])
+    names = _profiled_ops(lambda: run(False))
+    assert "dicetorch::dice_stats" not in names and "dicetorch::dice_stats_backward" not in names, names
+    assert "dicetorch::dice_stats" in _profiled_ops(lambda: run(True))
+
+    mode = _LogOps()
+    with mode:
+        under_mode = run(False)
+    assert "dicetorch.dice_stats.default" in mode.names and "dicetorch.dice_stats_backward.default" in mode.names
+    assert torch.equal(under_mode[0], op[0]) and torch.equal(under_mode[1], op[1])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_eager_path_only_in_plain_eager():
+    x, t = make_case(15, c=3, spatial=(4, 4), dtype=torch.float32)
+    assert dt.ops._plain_eager(x, t) and dt.ops._plain_eager(torch.nn.Parameter(x), t)
+    with torch.device("cpu"):  # a function mode
+        assert not dt.ops._plain_eager(x, t)
+    with _LogOps():
+        assert not dt.ops._plain_eager(x, t)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not dt.ops._plain_eager(x.as_subclass(Sub), t)
+    seen = []
+    torch.jit.trace(lambda a: seen.append(dt.ops._plain_eager(a, t)) or a * 1, (x,), check_trace=False)
+    assert seen == [False]
+
+
 def test_reference_module_matches_operator():
     """The operator on the reference backend is exactly reference.dice_stats_reference on (N, C, M)."""
     x, t = make_case(13, c=3, spatial=(4, 4), ignore_index=-1)
