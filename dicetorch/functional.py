@@ -293,7 +293,7 @@ def _dice_epilogue(s: Tensor, *, batch, include_background, smooth_nr, smooth_dr
     """:func:`dice_loss` from the stats (N, >=3, C), already summed over the batch (1, ., C) with ``batch``."""
     num_classes = s.shape[-1]
     s = _class_slice(s, include_background)
-    i, p, t = s[:, 0], s[:, 1], s[:, 2]
+    i, p, t = s.unbind(1)[:3]  # one autograd node (3 selects: a zeros tensor and a copy each, per step)
     loss = _ratio_to_loss((2.0 * i + smooth_nr) / (p + t + smooth_dr), log_loss)
     w = _class_weights(class_weights, num_classes, include_background, loss)
     if w is not None:
@@ -406,11 +406,9 @@ def _generalized_epilogue(s: Tensor, vol: Optional[Tensor], *, batch, include_ba
     """:func:`generalized_dice_loss` from the stats (N, >=3, C) and the linear volumes (or None: T),
     both already summed over the batch with ``batch``."""
     num_classes = s.shape[-1]
-    if vol is None:
-        vol = s[:, 2]
     s = _class_slice(s, include_background)
-    vol = _class_slice(vol, include_background).detach()
-    i, p, t = s[:, 0], s[:, 1], s[:, 2]
+    i, p, t = s.unbind(1)[:3]
+    vol = t.detach() if vol is None else _class_slice(vol, include_background).detach()
 
     if weighting == "uniform":
         w = torch.ones_like(vol)

@@ -402,10 +402,13 @@ def check_labels_by_count(stats: Tensor, input: Tensor, target: Tensor, ignore_i
     """Where :func:`labels_checked_by_count` holds, after the forward: unless each image's T row
     (``stats[:, 2]``) sums to its pixel count, raise as :func:`check_target_values` does, naming the
     labels found (CPU), or fail a device assert (CUDA: no host synchronization)."""
-    bad = stats.detach()[:, 2].sum(1).ne(math.prod(input.shape[2:])).any()  # exact: <= 2^24 in all
-    if _checks_on_host(bad.device) and not bool(bad):
+    # each image's sum is at most its pixel count (a pixel adds 1 to one class or nothing), so the
+    # images are all valid iff the total is N M (counts: exact as integers), one reduction
+    total = stats.detach()[:, 2].sum(dtype=torch.int64)
+    pixels = input.shape[0] * math.prod(input.shape[2:])
+    if _checks_on_host(total.device) and total.item() == pixels:
         return  # valid labels are never read
-    check_target_values(input, target, ignore_index, bad)
+    check_target_values(input, target, ignore_index, total != pixels)
 
 
 # ----------------------------------------------------------------------------------------------
