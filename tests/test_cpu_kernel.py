@@ -440,6 +440,23 @@ def test_thread_count_independent(kind, channels_last):
     assert torch.equal(out[0][1], out[1][1])
 
 
+@pytest.mark.parametrize("act,rows,pixel", [("softmax", 3, ()), ("sigmoid", 3, ()), ("softmax", 5, ("ce", 2.0)),
+                                             ("softmax", 5, ("focal", 1.5))])
+def test_streamed_gradient_is_the_cached_one(act, rows, pixel):
+    """A float32 gradient of 4 MiB or more is written with non-temporal stores (whole aligned vectors,
+    plain stores elsewhere): the same bits as the cached stores that each half (2.1 MB) gets.  The
+    image's plane starts are not all 64-byte aligned (M = 363 * 365), so both kinds of store run."""
+    x, t = torch.randn(2, 4, 363 * 365), torch.randint(0, 4, (2, 363 * 365))
+    assert x.nbytes >= 4 << 20 > x[:1].nbytes
+    g = torch.randn(2, rows, 4)
+    whole = torch.ops.dicetorch.fused_backward(g, x, t, act, 1, None, *pixel)
+    halves = [torch.ops.dicetorch.fused_backward(g[i:i + 1], x[i:i + 1], t[i:i + 1], act, 1, None, *pixel)
+              for i in (0, 1)]
+    assert torch.equal(whole, torch.cat(halves))
+    ref = reference.dice_stats_backward_reference(g.double(), x.double(), t, act, 1, None, *pixel)
+    torch.testing.assert_close(whole.double(), ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
 # ------------------------------------------------------------------------------------------------
 # the per-ISA copies of the kernel (the CI machine runs only its best one in-process)
 # ------------------------------------------------------------------------------------------------
@@ -468,6 +485,13 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         gr = reference.dice_stats_backward_reference(g, xv, t, act, q, ign).double()
         worst = max(worst, float(((s - r).abs() / (1 + r.abs())).max()),
                     float((gx - gr).abs().max() / gr.abs().max()))
+# a float32 gradient of 4 MiB or more is stored non-temporally: bit for bit the cached stores' one
+x, t = torch.randn(2, 4, 363 * 365), torch.randint(0, 4, (2, 363 * 365))
+for act, rows, pixel in (("softmax", 3, ()), ("sigmoid", 3, ()), ("softmax", 5, ("ce", 2.0))):
+    g = torch.randn(2, rows, 4)
+    whole = torch.ops.dicetorch.fused_backward(g, x, t, act, 1, None, *pixel)
+    halves = [torch.ops.dicetorch.fused_backward(g[i:i + 1], x[i:i + 1], t[i:i + 1], act, 1, None, *pixel) for i in (0, 1)]
+    assert torch.equal(whole, torch.cat(halves)), act
 print(worst)
 """
 
