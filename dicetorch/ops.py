@@ -119,25 +119,21 @@ def _triton_module():
         return None
 
 
-def _triton_usable(device: torch.device) -> bool:
-    if _triton_module() is None:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def available_backends(device: torch.device | str = "cpu") -> list:
     """Backends that can run on tensors of ``device`` in this installation."""
     device = torch.device(device)
+    interpret = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return list(_available_backends(device.type, interpret))
+
+
+@functools.lru_cache(maxsize=None)  # asked twice per training step
+def _available_backends(device_type: str, interpret: bool) -> tuple:
     out = ["reference"]
-    if _triton_usable(device):
+    if _triton_module() is not None and (device_type == "cuda" or interpret):
         out.append("triton")
-    if device.type == "cpu" and _ext_has("CPU"):
-        out.append("cpu")
-    if device.type == "cuda" and _ext_has("CUDA"):
-        out.append("cuda")
-    return out
+    if device_type in ("cpu", "cuda") and _ext_has(device_type.upper()):
+        out.append(device_type)
+    return tuple(out)
 
 
 # Backends whose kernels compute the hard activations / the pixel-loss rows.  The Triton module
@@ -525,8 +521,9 @@ def dice_stats_op(
     return _forward_impl(input, target, activation, power, ignore_index, backend, pixel_loss, gamma)
 
 
-def _forward_impl(input, target, activation, power, ignore_index, backend, pixel_loss, gamma):
-    check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
+def _forward_impl(input, target, activation, power, ignore_index, backend, pixel_loss, gamma, checked=False):
+    if not checked:  # (dice_stats has checked them)
+        check_inputs(input, target, activation, power, ignore_index, pixel_loss, gamma)
     x, t = canonical(input, target)
     name = resolve_backend(backend, input.device, activation, pixel_loss)
     impl = _impl(name)
@@ -650,7 +647,7 @@ class _EagerDiceStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward_impl(*inputs)
+        output = _forward_impl(*inputs, checked=True)
         ctx.mark_non_differentiable(output[1])
         _setup_context(ctx, inputs, output)
         return output
