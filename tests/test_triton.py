@@ -404,6 +404,25 @@ def test_bitwise_deterministic():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pixel_loss", ["none", "ce"])
+def test_eager_path_is_the_operator(pixel_loss):
+    """dice_stats in plain eager mode (an autograd.Function around the operator's own functions)
+    gives the registered operator's stats and gradient bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 5, 6, generator=gen)
+    y = torch.randint(0, 4, (2, 5, 6), generator=gen)
+    grad = torch.randn(2, 5 if pixel_loss == "ce" else 3, 4, generator=gen)
+    args = ("softmax", 1, None, "triton", pixel_loss, 2.0)
+    out = []
+    for fn in (ops.dice_stats, lambda *a: ops.dice_stats_op(*a)[0]):
+        xr = x.clone().requires_grad_()
+        s = fn(xr, y, *args)
+        s.backward(grad)
+        out.append((s.detach(), xr.grad))
+    assert ops._plain_eager(x, y)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 4, 5, 6, generator=gen, requires_grad=True)
