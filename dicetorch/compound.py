@@ -71,6 +71,11 @@ def _pixel_weights(weight: Weights, num_classes: int, like: Tensor, name: str) -
     return w.to(dtype=like.dtype, device=like.device)
 
 
+def _combine(lambda_a: float, a: Tensor, lambda_b: float, b: Tensor) -> Tensor:
+    """lambda_a a + lambda_b b; a weight of 1 multiplies nothing (exact: 1 x = x), one op and node fewer."""
+    return (a if lambda_a == 1 else lambda_a * a) + (b if lambda_b == 1 else lambda_b * b)
+
+
 def _counted_pixels(input: Tensor, target: Tensor, s: Tensor, ignore_index: Optional[int]) -> Tensor:
     """(N,) pixels counted per image: all of them, or those whose label is not ``ignore_index``."""
     n, c = input.shape[0], input.shape[1]
@@ -87,7 +92,8 @@ def _pixel_loss(s: Tensor, counted: Tensor, target_is_labels: bool, *, kind: str
                 weight: Optional[Tensor], label_smoothing: float, alpha: Optional[float],
                 reduction: str) -> Tensor:
     """The pixel loss from batch-summed stats (1, 5, C) and counted pixels (1,) (see the module doc)."""
-    X, L, T = s[0, 3], s[0, 4], s[0, 2]
+    rows = s[0].unbind(0)  # two autograd nodes; three s[0, k] would be six, each a zeros tensor and a copy
+    X, L, T = rows[3], rows[4], rows[2]
     C = s.shape[-1]
 
     def wsum(v):  # sum_k w_k v_k; without weights no ones tensor (each op is a launch and an autograd node)
@@ -115,13 +121,16 @@ def _pixel_loss(s: Tensor, counted: Tensor, target_is_labels: bool, *, kind: str
 
 def _compound(input, target, *, kind, activation, squared, ignore_index, backend, batch, distributed,
               process_group, gamma, pixel_weight, weight_name):
-    """(stats (N, 5, C), counted pixels (N,), pixel-loss weights, whether the target is labels)."""
+    """(stats (N, 5, C), counted pixels (N,) or None where unused, pixel-loss weights, whether the
+    target is labels)."""
     F.check_distributed(distributed, batch, process_group)
     s = F._stats(input, target, activation=activation, power=2 if squared else 1, ignore_index=ignore_index,
                  backend=backend, pixel_loss=kind, gamma=gamma)
-    counted = _counted_pixels(input, target, s, ignore_index)
-    w = _pixel_weights(pixel_weight, input.shape[1], s, weight_name)
     labels = F.ops._is_label_target(input, target)
+    # the softmax cross-entropy of labels divides by sum_k w_k T_k: no pixel count (nor its ops)
+    counted = None if (kind, activation, labels) == ("ce", "softmax", True) else \
+        _counted_pixels(input, target, s, ignore_index)
+    w = _pixel_weights(pixel_weight, input.shape[1], s, weight_name)
     return s, counted, w, labels
 
 
@@ -174,13 +183,15 @@ def dice_ce_loss(
                                       ignore_index=ignore_index, backend=backend, batch=batch,
                                       distributed=distributed, process_group=process_group, gamma=2.0,
                                       pixel_weight=ce_weight, weight_name="ce_weight")
-    s_sum, counted_sum = F.batch_sums(s, counted, distributed=distributed, process_group=process_group)
+    s_sum, *counted_sum = F.batch_sums(s, *([] if counted is None else [counted]), distributed=distributed,
+                                       process_group=process_group)
     dice = F._dice_epilogue(s_sum if batch else s, batch=batch, include_background=include_background,
                             smooth_nr=smooth_nr, smooth_dr=smooth_dr, log_loss=log_loss,
                             class_weights=class_weights, reduction=reduction)
+    counted_sum = counted_sum[0] if counted_sum else None
     ce = _pixel_loss(s_sum, counted_sum, labels, kind="ce", activation=activation, weight=w,
                      label_smoothing=label_smoothing, alpha=None, reduction=reduction)
-    return lambda_dice * dice + lambda_ce * ce
+    return _combine(lambda_dice, dice, lambda_ce, ce)
 
 
 def dice_focal_loss(
@@ -230,7 +241,7 @@ def dice_focal_loss(
                             class_weights=class_weights, reduction=reduction)
     focal = _pixel_loss(s_sum, counted_sum, labels, kind="focal", activation=activation, weight=w,
                         label_smoothing=0.0, alpha=alpha, reduction=reduction)
-    return lambda_dice * dice + lambda_focal * focal
+    return _combine(lambda_dice, dice, lambda_focal, focal)
 
 
 def generalized_dice_focal_loss(
@@ -284,4 +295,4 @@ def generalized_dice_focal_loss(
                                   reduction=reduction, weighting=weighting, absent_weight=absent_weight)
     focal = _pixel_loss(s_sum, counted_sum, labels, kind="focal", activation=activation, weight=w,
                         label_smoothing=0.0, alpha=alpha, reduction=reduction)
-    return lambda_gdl * gdl + lambda_focal * focal
+    return _combine(lambda_gdl, gdl, lambda_focal, focal)
