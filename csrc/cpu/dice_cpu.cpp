@@ -366,7 +366,13 @@ struct LabelsAhead {
   int64_t bytes = 0;        // per label
   DICE_INLINE void operator()(int64_t j) const {  // j: pixel offset in the chunk
 #if defined(__GNUC__)
-    if (p) __builtin_prefetch(p + j * bytes, 0, 2);  // a hint: never faults past the tensor's end
+    if (p) {
+      __builtin_prefetch(p + j * bytes, 0, 2);  // a hint: never faults past the tensor's end
+      // int64 labels: an AVX-512 vector's 16 labels span two lines, and the adjacent-line
+      // prefetcher did not bring the second (the 4-class forward after a 512 MB write went from
+      // 2.20-2.30 to 1.89-1.97 ms at 2 threads, 4.42-4.64 to 3.80-3.98 at 1, with it)
+      if (bytes == 8) __builtin_prefetch(p + j * bytes + 64, 0, 2);
+    }
 #endif
   }
 };
