@@ -183,12 +183,10 @@ def dice_ce_loss(
                                       ignore_index=ignore_index, backend=backend, batch=batch,
                                       distributed=distributed, process_group=process_group, gamma=2.0,
                                       pixel_weight=ce_weight, weight_name="ce_weight")
-    s_sum, *counted_sum = F.batch_sums(s, *([] if counted is None else [counted]), distributed=distributed,
-                                       process_group=process_group)
+    s_sum, counted_sum = F.batch_sums(s, counted, distributed=distributed, process_group=process_group)
     dice = F._dice_epilogue(s_sum if batch else s, batch=batch, include_background=include_background,
                             smooth_nr=smooth_nr, smooth_dr=smooth_dr, log_loss=log_loss,
                             class_weights=class_weights, reduction=reduction)
-    counted_sum = counted_sum[0] if counted_sum else None
     ce = _pixel_loss(s_sum, counted_sum, labels, kind="ce", activation=activation, weight=w,
                      label_smoothing=label_smoothing, alpha=None, reduction=reduction)
     return _combine(lambda_dice, dice, lambda_ce, ce)
@@ -286,10 +284,8 @@ def generalized_dice_focal_loss(
                                       distributed=distributed, process_group=process_group, gamma=gamma,
                                       pixel_weight=focal_weight, weight_name="focal_weight")
     vol = F.linear_volume(s, target, 2 if squared else 1)
-    sums = F.batch_sums(s, counted, *([] if vol is None else [vol]), distributed=distributed,
-                        process_group=process_group)
-    s_sum, counted_sum = sums[0], sums[1]
-    gdl = F._generalized_epilogue(s_sum if batch else s, (sums[2] if vol is not None else None) if batch else vol,
+    s_sum, counted_sum, vol_sum = F.batch_sums(s, counted, vol, distributed=distributed, process_group=process_group)
+    gdl = F._generalized_epilogue(s_sum if batch else s, vol_sum if batch else vol,
                                   batch=batch, include_background=include_background, smooth_nr=smooth_nr,
                                   smooth_dr=smooth_dr, log_loss=log_loss, class_weights=class_weights,
                                   reduction=reduction, weighting=weighting, absent_weight=absent_weight)

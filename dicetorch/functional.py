@@ -142,17 +142,19 @@ def batch_sums(*tensors: Tensor, distributed: bool = False, process_group=None) 
     is the same on every rank and its gradient, averaged over ranks by DDP, is exactly the gradient of
     that loss on the concatenated batch: each rank's stats receive W times the shared gradient, which
     DDP's division by W cancels (no loss scaling is needed, for any per-rank batch sizes).
+    A ``None`` in ``tensors`` (an optional sum the loss does not need) comes back as ``None``.
     """
-    sums = [t.sum(0, keepdim=True) for t in tensors]
-    if not distributed:
-        return sums
-    dtype = sums[0].dtype
-    flat = _all_reduce_sum(torch.cat([t.reshape(-1).to(dtype) for t in sums]), process_group)
-    out, start = [], 0
-    for t in sums:
-        out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
-        start += t.numel()
-    return out
+    sums = [t.sum(0, keepdim=True) for t in tensors if t is not None]
+    if distributed:
+        dtype = sums[0].dtype
+        flat = _all_reduce_sum(torch.cat([t.reshape(-1).to(dtype) for t in sums]), process_group)
+        out, start = [], 0
+        for t in sums:
+            out.append(flat[start:start + t.numel()].view(t.shape).to(t.dtype))
+            start += t.numel()
+        sums = out
+    it = iter(sums)
+    return [None if t is None else next(it) for t in tensors]
 
 
 def _stats(input, target, *, activation, power, ignore_index, backend, pixel_loss="none", gamma=2.0) -> Tensor:
@@ -385,9 +387,7 @@ def generalized_dice_loss(
     s = _stats(input, target, activation=activation, power=power, ignore_index=ignore_index, backend=backend)
     vol = linear_volume(s, target, power)
     if batch:
-        s, *rest = batch_sums(s, *([] if vol is None else [vol]), distributed=distributed,
-                              process_group=process_group)
-        vol = rest[0] if rest else None
+        s, vol = batch_sums(s, vol, distributed=distributed, process_group=process_group)
     return _generalized_epilogue(s, vol, batch=batch, include_background=include_background, smooth_nr=smooth_nr,
                                  smooth_dr=smooth_dr, log_loss=log_loss, class_weights=class_weights,
                                  reduction=reduction, weighting=weighting, absent_weight=absent_weight)

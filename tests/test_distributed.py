@@ -127,6 +127,8 @@ def test_batch_sums_is_local_without_distributed():
     a, b = torch.randn(4, 3, 5), torch.randn(4, 5)
     sa, sb = dt.functional.batch_sums(a, b)
     assert torch.equal(sa, a.sum(0, keepdim=True)) and torch.equal(sb, b.sum(0, keepdim=True))
+    none, sb2, none2 = dt.functional.batch_sums(None, b, None)  # an unneeded optional sum stays None
+    assert none is None and none2 is None and torch.equal(sb2, sb)
 
 
 def test_ddp_example_smoke(launch):

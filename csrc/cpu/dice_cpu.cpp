@@ -794,7 +794,7 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
       const Vec one(acc_t(1));
       lp.mul(lp.a_all, sm1 & valid);
 #if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<acc_t, float>) {  // the same sums from k-masks (see below)
+      if constexpr (std::is_same_v<acc_t, float>) {  // the same sums from k-masks (see dice_k)
         const __mmask16 counted = _mm512_cmp_ps_mask(code, Vec(acc_t(kIgnored)), _CMP_NEQ_UQ);
         for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
           const __mmask16 is_k = _mm512_cmp_ps_mask(code, Vec(acc_t(k)), _CMP_EQ_OQ);
