@@ -238,6 +238,29 @@ def test_large_image_chunks(backend, activation, c):
     check(backend, x, t, activation, 2, 0, "ce", 2.0)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu kernel's running products of s")
+@pytest.mark.parametrize("c", [2, 3, 4, 5, 8, 9, 21, 128])
+def test_log_products_at_their_bound(c):
+    """Equal logits: s = C at every pixel, the largest factor the cpu kernel's running products of
+    the softmax sums take (C^n between two logs, n = 120 // ceil(log2 C)).  Over a whole chunk of
+    many vectors X_k and L_k are count * log C; an overflowing product would make them inf (with
+    n = 140 // ceil(log2 C) this fails for C = 2, 4, 8 and 128, where C^n reaches 2^140)."""
+    x = torch.zeros(2, c, 64, 64)
+    # each lane of a vector keeps its class (vectors of 8 or 16 pixels start at multiples of 16
+    # here), so the class products take a factor at every vector too; column 5 is ignored, outside
+    # every product
+    lab = (torch.arange(64) % 16 % c).expand(2, 64, 64).clone()
+    lab[..., 5] = 255
+    got = ops.dice_stats(x, lab, "softmax", 1, 255, "cpu", "ce", 2.0)
+    ref = ops.dice_stats(x.double(), lab, "softmax", 1, 255, "reference", "ce", 2.0)
+    counts = torch.stack([(lab == k).sum((1, 2)) for k in range(c)], 1).double()
+    counted = (lab != 255).sum((1, 2)).double()
+    log_c = torch.log(torch.tensor(float(c), dtype=torch.float64))
+    torch.testing.assert_close(ref[:, 3], counts * log_c)
+    assert_stats_close(got, ref, torch.float32, 64 * 64)
+    torch.testing.assert_close(got[:, 4].double(), counted[:, None].expand(2, c) * log_c, rtol=2e-6, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # properties of the fused pass
 # ------------------------------------------------------------------------------------------------
