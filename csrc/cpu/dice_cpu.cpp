@@ -105,7 +105,8 @@ DICE_FLAT_INLINE Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 /// exp(d) for the softmax's d = z - max <= 0 (or NaN).  exp_u20's range reduction and polynomial
 /// without what d <= 0 makes unnecessary: no upper clamp, no 2^(n-1) * 2 overflow guard (2^n is
 /// built directly), no NaN blend (the clamp returns a NaN operand, and NaN flows through).  Seven
-/// of its 21 vector instructions, a quarter of the softmax's arithmetic.  d < ln(FLT_MIN): 0.
+/// of its 21 vector instructions, a quarter of the softmax's arithmetic (AVX-512: 9 of 21, with
+/// 2^n applied by vscalefps).  d < ln(FLT_MIN): 0.
 template <typename acc_t>
 DICE_FLAT_INLINE Vectorized<acc_t> vexp_nonpos(const Vectorized<acc_t>& d) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -119,10 +120,19 @@ DICE_FLAT_INLINE Vectorized<acc_t> vexp_nonpos(const Vectorized<acc_t>& d) {
     y = at::vec::fmadd(r, y, Vec(0.499991506f));
     y = at::vec::fmadd(r, y, Vec(0.999999701f));
     y = at::vec::fmadd(r, y, Vec(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+    // y 2^n in one instruction, zero below ln_min under a k-mask (not NaN: NaN flows through): 2
+    // instructions for the 7 below (ATen's blend takes a vector mask, two conversions from the
+    // compare's k-mask).  The same value for every float d in [-88, 0], with and without
+    // flush-to-zero (checked exhaustively against the 7).  The softmax kernels measured 7-12 %
+    // faster at 1 thread (Dice forward at (8, 21, 256^2) 5.6-5.8 -> 4.8-5.2 ms, warm caches).
+    return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(d, ln_min, _CMP_NLT_UQ), y, n);
+#else
     // 2^n from its bits: (n + 127) << 23, exact in float arithmetic for -126 <= n <= 0
     const Vec two_n = at::vec::cast<float>(
         at::vec::convert_to_int_of_same_size(at::vec::fmadd(n, Vec(8388608.0f), Vec(1065353216.0f))));
     return Vec::blendv(y * two_n, Vec(0.0f), d < ln_min);
+#endif
   } else {
     return vexp(d);
   }
