@@ -21,7 +21,18 @@ timing (relative difference printed, a mismatch beyond 1e-4 stops the run).
 
 Peak extra memory is measured in a fresh subprocess per method: the growth of the resident set
 (VmHWM after resetting it) during one step, after a warm-up step, in units of the logits' size.
-The gradient itself (1.0) is included.  It is measured once per shape, at the largest thread count.
+The gradient itself (1.0) is included.  It is measured once per shape, at the largest thread count,
+under the system allocator whatever ``--allocator`` says (a caching allocator would hand the step
+the blocks its warm-up freed, and the resident set would not show them).
+
+Page faults per step (the median of the timed steps' minor faults) show what the allocator cost:
+glibc's malloc serves a block of 32 MiB or more from fresh pages (mmap) every time, and smaller
+ones whenever other frees have trimmed its heap, so under the default allocator (``--allocator
+system``) a method's step pays for the pages it touches, depending also on what the method timed
+before it freed.  ``--allocator caching`` makes glibc keep every freed block in the process (no mmap,
+no trimming), as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does: no step
+faults, and the times are the methods' own work.  MONAI's many-class steps are mostly page faults
+under the default.
 
 A second table derives, per shape and thread count, the ratios the compound loss is judged by: the
 fused DiceCELoss's speed-up over MONAI's DiceCELoss, the cross-entropy part's extra cost over
@@ -33,6 +44,7 @@ Usage::
     python benchmarks/bench_cpu.py                        # (2, 4, 96^3) and (8, 21, 256^2), 1 and 2 threads
     python benchmarks/bench_cpu.py --quick --no-memory    # small shapes, well under a minute
     python benchmarks/bench_cpu.py --threads 2            # one thread count
+    python benchmarks/bench_cpu.py --allocator caching    # no page faults in the timed steps
 """
 from __future__ import annotations
 
@@ -40,6 +52,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -139,6 +152,22 @@ def make_step(method: str, n: int, c: int, spatial: tuple):
     return step, x
 
 
+def use_caching_allocator():
+    """glibc's malloc as a caching allocator: no block from mmap (M_MMAP_MAX = 0) and no trimming
+    of the heap (M_TRIM_THRESHOLD at its largest), so every freed block stays for the next step."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4
+    if not hasattr(libc, "mallopt") or not (libc.mallopt(m_mmap_max, 0) and
+                                            libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("--allocator caching needs glibc's mallopt")
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _rss_hwm_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -175,7 +204,7 @@ def check_dicece(steps) -> float:
 
 
 def _memory(method: str, n: int, c: int, spatial: tuple, threads: int) -> float:
-    res = subprocess.run(
+    res = subprocess.run(  # the system allocator: a caching one keeps the freed gradient, and RSS shows no step
         [sys.executable, __file__, "--threads", str(threads), "--memory", method, json.dumps([n, c, list(spatial)])],
         capture_output=True, text=True, check=True,
     )
@@ -195,13 +224,17 @@ def bench(sizes, reps: int, memory: bool, threads_list):
                 steps[m]()
                 steps[m]()
             times = {m: [] for m in METHODS}
+            faults = {m: [] for m in METHODS}
             for _ in range(reps):  # interleaved, so that all methods see the same machine state
                 for m in METHODS:
+                    f0 = _minor_faults()
                     t0 = time.perf_counter()
                     steps[m]()
                     times[m].append(time.perf_counter() - t0)
+                    faults[m].append(_minor_faults() - f0)
             med = {m: 1e3 * statistics.median(v) for m, v in times.items()}
-            rows.append(((n, c, spatial), threads, med, {}, err))
+            flt = {m: statistics.median(v) for m, v in faults.items()}
+            rows.append(((n, c, spatial), threads, med, {}, err, flt))
             del steps
         if memory:  # once per shape, at the largest thread count, one fresh process per method
             # two processes at a time: each measures its own resident set, and imports dominate their time
@@ -242,21 +275,21 @@ def _bound(op: str, bound: float, percent: bool) -> str:
     return f"{'≥' if op == '>=' else '≤'} {f'{bound:.0%}' if percent else f'{bound:g}×'}"
 
 
-def print_table(rows, reps):
+def print_table(rows, reps, allocator="system"):
     threads = sorted({r[1] for r in rows})
     print(f"\ntorch {torch.__version__}, {'/'.join(map(str, threads))} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, median of {reps} steps; "
-          f"Dice + CE values agree to {max(r[4] for r in rows):.1e} (relative)\n")
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, allocator {allocator}, median of {reps} "
+          f"steps; Dice + CE values agree to {max(r[4] for r in rows):.1e} (relative)\n")
     print("| shape (N, C, spatial) | threads | method | median ms | × floor | speed-up vs MONAI (same loss) "
-          "| speed-up vs compile | peak extra memory (× logits) |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for (n, c, spatial), t, med, mem, _ in rows:
+          "| speed-up vs compile | page faults / step | peak extra memory (× logits) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for (n, c, spatial), t, med, mem, _, flt in rows:
         for m in METHODS:
             mm = f"{mem[m]:.2f}" if m in mem else "-"
             vs_compile = "-" if m in DICECE else f"{med['compile'] / med[m]:.2f}"
             vs_monai = "-" if m == "floor" else f"{med[MONAI_OF[m]] / med[m]:.2f}"
             print(f"| {_shape(n, c, spatial)} | {t} | {LABELS[m]} | {med[m]:.2f} | {med[m] / med['floor']:.2f} | "
-                  f"{vs_monai} | {vs_compile} | {mm} |")
+                  f"{vs_monai} | {vs_compile} | {flt[m]:.0f} | {mm} |")
 
     print("\nDerived ratios (targets in the header):\n")
     head = [f"{name} (target {_bound(op, bound, i == 1)})" for i, (name, op, bound) in enumerate(TARGETS)]
@@ -264,7 +297,7 @@ def print_table(rows, reps):
           "over fused DiceCELoss | " + " | ".join(head[2:]) + " |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     met = [[] for _ in TARGETS]
-    for (n, c, spatial), t, med, mem, _ in rows:
+    for (n, c, spatial), t, med, mem, *_ in rows:
         vals = derived(med, mem)
         cells = []
         for i, ((_, op, bound), v) in enumerate(zip(TARGETS, vals)):
@@ -290,8 +323,13 @@ def main():
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument("--threads", default="1,2",
                     help="comma-separated torch thread counts, each timed in turn (default 1,2)")
+    ap.add_argument("--allocator", choices=("system", "caching"), default="system",
+                    help="system: glibc's malloc as it is (default); caching: every freed block kept, no page "
+                         "faults in the timed steps")
     ap.add_argument("--memory", nargs=2, metavar=("METHOD", "SHAPE_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.allocator == "caching":  # before the first large block
+        use_caching_allocator()
     threads = [int(t) for t in args.threads.split(",")]
     if not threads or min(threads) < 1:
         ap.error("--threads takes positive integers, e.g. 1,2")
@@ -302,7 +340,7 @@ def main():
         return
     reps = args.reps or (5 if args.quick else 15)
     rows = bench(SIZES["quick" if args.quick else "full"], reps, not args.no_memory, threads)
-    print_table(rows, reps)
+    print_table(rows, reps, args.allocator)
 
 
 if __name__ == "__main__":
