@@ -336,24 +336,34 @@ DICE_INLINE void stream_fence() {
 #endif
 }
 
-/// Pixels [m0, m0+cnt) of one image = lanes [0, cnt) of g[k] (the inverse of load_channels).
-template <typename scalar_t, typename acc_t, int kC>
-DICE_INLINE void store_channels(scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, acc_t* stage,
-                                const Tile<acc_t, kC>& g, bool stream) {
+/// Pixels [m0, m0+cnt) of one image = lanes [0, cnt) of f(k), channel k's vector, computed as it is
+/// stored (the inverse of load_channels): full vectors of pixel-contiguous output straight from
+/// registers, the rest through ``stage``.
+template <typename scalar_t, typename acc_t, int kC, typename F>
+DICE_INLINE void store_channels_of(scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, acc_t* stage,
+                                   F&& f, bool stream) {
   using Vec = Vectorized<acc_t>;
   if (!stream) prefetch_channels<kC>(base, L, C, m0, true);
   if (L.planar && cnt == Vec::size()) {
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
       if (stream) {
-        stream_vec<scalar_t, acc_t>(base + k * L.sC + m0, g[k]);
+        stream_vec<scalar_t, acc_t>(base + k * L.sC + m0, f(k));
       } else {
-        store_vec<scalar_t, acc_t>(base + k * L.sC + m0, g[k]);
+        store_vec<scalar_t, acc_t>(base + k * L.sC + m0, f(k));
       }
     });
   } else {
-    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { g[k].store(stage + k * Vec::size()); });
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { f(k).store(stage + k * Vec::size()); });
     store_tile<scalar_t, acc_t>(base, L, C, m0, cnt, stage);
   }
+}
+
+/// store_channels_of the tile g.
+template <typename scalar_t, typename acc_t, int kC>
+DICE_INLINE void store_channels(scalar_t* base, const Layout& L, int64_t C, int64_t m0, int cnt, acc_t* stage,
+                                const Tile<acc_t, kC>& g, bool stream) {
+  store_channels_of<scalar_t, acc_t, kC>(base, L, C, m0, cnt, stage, [&](auto k) DICE_LAMBDA { return g[k]; },
+                                         stream);
 }
 
 /// Pixel codes of one chunk, [m_begin, m_end) of image n, into codes[0 .. round_up(len, V)):
@@ -437,17 +447,29 @@ void float_target_codes(const at::Tensor&, int64_t, int64_t m_begin, int64_t m_e
 /// In place: x -> p = activation(x), each exp computed once; hard activations write 0/1 (argmax
 /// over the channels of each lane, or x > 0).
 template <typename acc_t, int kC>
+DICE_INLINE void activate(Tile<acc_t, kC>& x, int64_t C, int activation);
+
+/// The softmax up to its last multiply: x -> e = exp(z - max) in place, returns r = 1/s (p = e r).
+/// Where the tile lives in memory (the general-C copy) a loop that needs p takes e r as it goes,
+/// one load and one store per channel fewer than multiplying the tile first.
+template <typename acc_t, int kC>
+DICE_INLINE Vectorized<acc_t> softmax_exps(Tile<acc_t, kC>& x, int64_t C) {
+  using Vec = Vectorized<acc_t>;
+  Vec mx = x[0];
+  for_channels<kC>(C, [&](auto k) DICE_LAMBDA { mx = max_shift(mx, x[k]); });
+  Vec s(acc_t(0));
+  for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+    x[k] = vexp_nonpos(x[k] - mx);
+    s = s + x[k];
+  });
+  return Vec(acc_t(1)) / s;
+}
+
+template <typename acc_t, int kC>
 DICE_INLINE void activate(Tile<acc_t, kC>& x, int64_t C, int activation) {
   using Vec = Vectorized<acc_t>;
   if (activation == kSoftmax) {
-    Vec mx = x[0];
-    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { mx = max_shift(mx, x[k]); });
-    Vec s(acc_t(0));
-    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-      x[k] = vexp_nonpos(x[k] - mx);
-      s = s + x[k];
-    });
-    const Vec r = Vec(acc_t(1)) / s;
+    const Vec r = softmax_exps(x, C);
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = x[k] * r; });
   } else if (activation == kSigmoid) {
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA { x[k] = sigmoid_from_exp(vexp(x[k].neg())); });
@@ -644,7 +666,10 @@ DICE_INLINE void forward_vector(Tile<acc_t, kC>& x, Tile<acc_t, kC>& e, const Ti
     acc[3 * C + k] = acc[3 * C + k] + target_times<VM>(tk, term);
     acc[4 * C + k] = acc[4 * C + k] + term;
   };
-  if (o.pixel_loss == kPixelNone) {
+  if (o.pixel_loss == kPixelNone && o.activation == kSoftmax) {
+    const Vec r = softmax_exps(x, C);
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k] * r, target(k)); });
+  } else if (o.pixel_loss == kPixelNone) {
     activate(x, C, o.activation);
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], target(k)); });
   } else if (o.activation == kSoftmax) {
@@ -960,22 +985,23 @@ void backward_chunk_softmax(const scalar_t* xb, const Layout& Lx, scalar_t* ob, 
     const Vec code = Vec::loadu(codes + (m0 - m_begin));
     ahead(m0 - m_begin);
     const Vec valid = code != Vec(acc_t(kIgnored));
-    activate(x, C, kSoftmax);
+    const Vec r = softmax_exps(x, C);  // x: e, p = e r (activate()'s p)
     // cross-entropy: h = -w with w = gX t + gL, recomputed below rather than kept in registers
     const auto h = [&](auto k) DICE_LAMBDA { return pixel_weight(Vec(g_x[k]), Vec(g_l[k]), code.eq(Vec(acc_t(k)))).neg(); };
     Vec dot(acc_t(0)), hsum(acc_t(0));
     for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-      g[k] = grad_p(Vec(g_i[k]), Vec(g_p[k]), code.eq(Vec(acc_t(k))), x[k], power);
-      dot = dot + x[k] * g[k];
+      const Vec p = x[k] * r;
+      g[k] = grad_p(Vec(g_i[k]), Vec(g_p[k]), code.eq(Vec(acc_t(k))), p, power);
+      dot = dot + p * g[k];
       if constexpr (kCE) hsum = hsum + h(k);
     });
     const Vec total = kCE ? dot + hsum : dot;
-    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-      Vec dz = softmax_dz(x[k], g[k], total);
+    // dz computed as it is stored (in the general-C copy no pass through the tile in between)
+    store_channels_of<scalar_t, acc_t, kC>(ob, Lg, C, m0, cnt, stage, [&](auto k) DICE_LAMBDA {
+      Vec dz = softmax_dz(x[k] * r, g[k], total);
       if constexpr (kCE) dz = dz + h(k);
-      g[k] = Vec::blendv(zero, dz, valid);  // exactly 0 when ignored
-    });
-    store_channels<scalar_t, acc_t, kC>(ob, Lg, C, m0, cnt, stage, g, stream);
+      return Vec::blendv(zero, dz, valid);  // exactly 0 when ignored
+    }, stream);
   }
   if (stream) stream_fence();
 }
