@@ -26,10 +26,10 @@ under the system allocator whatever ``--allocator`` says (a caching allocator wo
 the blocks its warm-up freed, and the resident set would not show them).
 
 Page faults per step (the median of the timed steps' minor faults) show what the allocator cost:
-glibc's malloc serves a block of 32 MiB or more from fresh pages (mmap) every time, and smaller
-ones whenever other frees have trimmed its heap, so under the default allocator (``--allocator
-system``) a method's step pays for the pages it touches, depending also on what the method timed
-before it freed.  ``--allocator caching`` makes glibc keep every freed block in the process (no mmap,
+glibc's malloc hands out a block above its mmap threshold (which adapts up to 32 MiB) as fresh pages
+unless its heap holds a free chunk that large, and smaller ones from a heap that other frees may
+have trimmed, so under the default allocator (``--allocator system``) a step pays for the pages it
+touches depending also on what the methods timed before it freed.  ``--allocator caching`` makes glibc keep every freed block in the process (no mmap,
 no trimming), as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does: no step
 faults, and the times are the methods' own work.  MONAI's many-class steps are mostly page faults
 under the default.
