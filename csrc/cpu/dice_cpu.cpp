@@ -813,6 +813,73 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
   for_channels<kC>(C, [&](auto k) DICE_LAMBDA { ai[k] = ap[k] = at[k] = ax[k] = al[k] = zero; });
   const int every = log_every(C);
   int until_log = every;  // vectors before the next lp.flush
+  // forward_vector's cross-entropy rows with label targets, of nv vectors of pixels in pixel order
+  // (xs: d = z - max, es: exp(d)): each channel's six accumulators loaded once, updated vector by
+  // vector, stored once (for nv = 2 in the general-C copy, whose accumulators live in memory).  The
+  // -d parts are summed as d <= 0 and negated once at the end (exact: the same sums); the class
+  // mask serves t, the log product and X (an ignored code matches no class).
+  const auto ce_rows = [&](auto nv, const Tile<acc_t, kC>* xs, const Tile<acc_t, kC>* es, const Vec* rs,
+                           const Vec* sm1s, const Vec* cs, auto q) DICE_LAMBDA {
+    constexpr int kN = decltype(nv)::value;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      // AVX-512 float: the counted-pixel and class masks as k-masks, one compare each, and masked
+      // adds (or fmadds), which leave the lanes outside their mask as they are where the generic
+      // rows add 0 (or multiply by 0 and add 0): the same values, as every accumulator here is
+      // finite or the lane's own NaN, and never -0.  With softmax_pixel's masked adds, the Dice +
+      // CE forward at (2, 4, 96^3) went from 4.32 to 3.87-4.02 ms at 1 thread and from 2.15-2.21 to
+      // 1.93-2.01 ms at 2 (warm caches); the masked adds for zero-masked moves and adds, 3-6 % more.
+      __mmask16 counted[kN];
+      for (int v = 0; v < kN; ++v) {
+        counted[v] = _mm512_cmp_ps_mask(cs[v], Vec(acc_t(kIgnored)), _CMP_NEQ_UQ);
+        lp.a_all = _mm512_mask_fmadd_ps(lp.a_all, counted[v], sm1s[v], lp.a_all + sm1s[v]);  // lp.mul
+      }
+      for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+        Vec a_i = ai[k], a_p = ap[k], a_t = at[k], a_x = ax[k], a_l = al[k], a_s = lp.a[k];
+        for (int v = 0; v < kN; ++v) {
+          const __mmask16 is_k = _mm512_cmp_ps_mask(cs[v], Vec(acc_t(k)), _CMP_EQ_OQ);
+          const Vec p = _mm512_maskz_mov_ps(counted[v], es[v][k] * rs[v]);
+          const Vec t = _mm512_maskz_mov_ps(is_k, Vec(1.0f));
+          a_i = a_i + p * t;  // (p * t: a NaN p spreads, as in I)
+          a_p = a_p + pow_q(p, q);
+          a_t = _mm512_mask_add_ps(a_t, is_k, a_t, Vec(1.0f));
+          a_s = _mm512_mask_fmadd_ps(a_s, is_k, sm1s[v], a_s + sm1s[v]);  // lp.mul on the class's lanes
+          a_x = _mm512_mask_add_ps(a_x, is_k, a_x, xs[v][k]);
+          a_l = _mm512_mask_add_ps(a_l, counted[v], a_l, xs[v][k]);
+        }
+        ai[k] = a_i, ap[k] = a_p, at[k] = a_t, ax[k] = a_x, al[k] = a_l, lp.a[k] = a_s;
+      });
+    } else
+#endif
+    {
+      const Vec one(acc_t(1));
+      Vec valid[kN];
+      for (int v = 0; v < kN; ++v) {
+        valid[v] = cs[v] != Vec(acc_t(kIgnored));
+        lp.mul(lp.a_all, sm1s[v] & valid[v]);
+      }
+      for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+        Vec a_i = ai[k], a_p = ap[k], a_t = at[k], a_x = ax[k], a_l = al[k], a_s = lp.a[k];
+        for (int v = 0; v < kN; ++v) {
+          const Vec is_k = cs[v] == Vec(acc_t(k));
+          const Vec p = Vec::blendv(zero, es[v][k] * rs[v], valid[v]), t = is_k & one;
+          a_i = a_i + p * t;
+          a_p = a_p + pow_q(p, q);
+          a_t = a_t + t;  // t^q = t
+          lp.mul(a_s, sm1s[v] & is_k);
+          a_x = a_x + (xs[v][k] & is_k);  // d_k <= 0 (-inf for a -inf logit)
+          a_l = a_l + (xs[v][k] & valid[v]);
+        }
+        ai[k] = a_i, ap[k] = a_p, at[k] = a_t, ax[k] = a_x, al[k] = a_l, lp.a[k] = a_s;
+      });
+    }
+    // at most every vectors between two logs (nv <= 2)
+    until_log -= kN;
+    if (until_log <= 1) {
+      lp.flush(C);
+      until_log = every;
+    }
+  };
   // the rows of one vector of pixels: x holds d = z - max and e exp(d) (kCE), or p (x, Dice alone)
   const auto rows = [&](const Tile<acc_t, kC>& x, const Tile<acc_t, kC>& e, const Vec& r, const Vec& sm1,
                         const Vec& code, auto q) DICE_LAMBDA {
@@ -823,57 +890,8 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
       ap[k] = ap[k] + pow_q(p, q);
       at[k] = at[k] + t;  // t^q = t
     };
-#if defined(CPU_CAPABILITY_AVX512)
-    // AVX-512 float, cross-entropy rows: the counted-pixel and class masks as k-masks, one compare
-    // each and masked moves (ATen's vector masks take a conversion each way): the same values, so
-    // the same sums.  With softmax_pixel's masked adds, the Dice + CE forward at (2, 4, 96^3) went
-    // from 4.32 to 3.87-4.02 ms at 1 thread and from 2.15-2.21 to 1.93-2.01 ms at 2 (warm caches).
-    const auto dice_k = [&](auto k, __mmask16 counted, __mmask16 is_k, const auto& p_raw) DICE_LAMBDA {
-      using V = std::decay_t<decltype(p_raw)>;  // Vec (a dependent type: float copies only)
-      const V p = _mm512_maskz_mov_ps(counted, p_raw), t = _mm512_maskz_mov_ps(is_k, V(1.0f));
-      ai[k] = ai[k] + p * t;  // dice() with p and t from the masks (p * t: NaN p spreads, as in I)
-      ap[k] = ap[k] + pow_q(p, q);
-      at[k] = _mm512_mask_add_ps(at[k], is_k, at[k], V(1.0f));
-    };
-#endif
-    if constexpr (kCE) {  // forward_vector's cross-entropy with label targets
-      // the -d parts are summed as d <= 0 and negated once at the end (exact: the same sums); the
-      // class mask serves t, the log product and X (an ignored code matches no class)
-#if defined(CPU_CAPABILITY_AVX512)
-      if constexpr (std::is_same_v<acc_t, float>) {  // the same sums from k-masks (see dice_k)
-        // a masked add (or fmadd) leaves the lanes outside its mask as they are, where the general
-        // loop adds 0 (or multiplies by 0 and adds 0): the same values, as every accumulator here
-        // is finite or the lane's own NaN, and never -0.  One instruction where a zero-masked
-        // move and an add were two: the Dice + CE forward at (2, 4, 96^3) measured 3-6 % faster.
-        const __mmask16 counted = _mm512_cmp_ps_mask(code, Vec(acc_t(kIgnored)), _CMP_NEQ_UQ);
-        const auto log_mul = [&](Vec& a, __mmask16 m) DICE_LAMBDA {  // lp.mul on the lanes of m
-          a = _mm512_mask_fmadd_ps(a, m, sm1, a + sm1);
-        };
-        log_mul(lp.a_all, counted);
-        for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-          const __mmask16 is_k = _mm512_cmp_ps_mask(code, Vec(acc_t(k)), _CMP_EQ_OQ);
-          dice_k(k, counted, is_k, e[k] * r);
-          log_mul(lp.a[k], is_k);
-          ax[k] = _mm512_mask_add_ps(ax[k], is_k, ax[k], x[k]);
-          al[k] = _mm512_mask_add_ps(al[k], counted, al[k], x[k]);
-        });
-      } else
-#endif
-      {
-        const Vec one(acc_t(1));
-        lp.mul(lp.a_all, sm1 & valid);
-        for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
-          const Vec is_k = code == Vec(acc_t(k));
-          dice(k, e[k] * r, is_k & one);
-          lp.mul(lp.a[k], sm1 & is_k);
-          ax[k] = ax[k] + (x[k] & is_k);  // d_k <= 0 (-inf for a -inf logit)
-          al[k] = al[k] + (x[k] & valid);
-        });
-      }
-      if (--until_log == 0) {
-        lp.flush(C);
-        until_log = every;
-      }
+    if constexpr (kCE) {
+      ce_rows(std::integral_constant<int, 1>{}, &x, &e, &r, &sm1, &code, q);
     } else {  // (k-masks here measured no faster: 2.50 ms at 1 thread either way)
       for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], code.eq(Vec(acc_t(k)))); });
     }
@@ -895,6 +913,24 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
       }
     };
     with_power(power, pair);
+  }
+  if constexpr (kC == 0 && kCE) {
+    // the general copy: two vectors of planar pixels per iteration, for ce_rows to load and store
+    // each accumulator once per pair (the one-vector loop's sums: the same updates in pixel order).
+    // At (8, 21, 256^2) the Dice + CE forward kernel went from 6.3-6.5 to 5.7 ms at 1 thread and
+    // from 3.2 to 2.9-3.0 ms at 2 (warm caches).
+    Tile<acc_t, kC> xy[2] = {Tile<acc_t, kC>(C), Tile<acc_t, kC>(C)}, ef[2] = {Tile<acc_t, kC>(C), Tile<acc_t, kC>(C)};
+    for (; Lx.planar && m0 + 2 * V <= m_end; m0 += 2 * V) {
+      load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, V, stage, xy[0]);
+      load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0 + V, V, stage, xy[1]);
+      const Vec cs[2] = {Vec::loadu(codes + (m0 - m_begin)), Vec::loadu(codes + (m0 + V - m_begin))};
+      ahead(m0 - m_begin);
+      ahead(m0 + V - m_begin);
+      Vec rs[2], sm1s[2];
+      softmax_pixel(xy[0], ef[0], C, rs[0], sm1s[0]);
+      softmax_pixel(xy[1], ef[1], C, rs[1], sm1s[1]);
+      ce_rows(std::integral_constant<int, 2>{}, xy, ef, rs, sm1s, cs, power);
+    }
   }
   for (; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
