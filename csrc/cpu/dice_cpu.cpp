@@ -881,19 +881,30 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
     }
   };
   // the rows of one vector of pixels: x holds d = z - max and e exp(d) (kCE), or p (x, Dice alone)
+  // the Dice rows of nv vectors of pixels in pixel order, p_of(v, k) the probabilities: each
+  // channel's three accumulators loaded once, updated vector by vector, stored once (as ce_rows)
+  const auto dice_rows = [&](auto nv, const auto& p_of, const Vec* cs, auto q) DICE_LAMBDA {
+    constexpr int kN = decltype(nv)::value;
+    for_channels<kC>(C, [&](auto k) DICE_LAMBDA {
+      Vec a_i = ai[k], a_p = ap[k], a_t = at[k];
+      for (int v = 0; v < kN; ++v) {
+        const Vec p = Vec::blendv(zero, p_of(v, k), cs[v] != Vec(acc_t(kIgnored)));
+        const Vec t = cs[v].eq(Vec(acc_t(k)));  // 1.0 / 0.0
+        a_i = a_i + p * t;
+        a_p = a_p + pow_q(p, q);
+        a_t = a_t + t;  // t^q = t
+      }
+      ai[k] = a_i, ap[k] = a_p, at[k] = a_t;
+    });
+  };
+  // the rows of one vector of pixels: x holds d = z - max and e exp(d) (kCE), or p (x, Dice alone)
+  // (k-masks in the Dice rows measured no faster: 2.50 ms at 1 thread either way)
   const auto rows = [&](const Tile<acc_t, kC>& x, const Tile<acc_t, kC>& e, const Vec& r, const Vec& sm1,
                         const Vec& code, auto q) DICE_LAMBDA {
-    const Vec valid = code != Vec(acc_t(kIgnored));
-    const auto dice = [&](auto k, const Vec& p_raw, const Vec& t) DICE_LAMBDA {  // t: 1.0 / 0.0
-      const Vec p = Vec::blendv(zero, p_raw, valid);
-      ai[k] = ai[k] + p * t;
-      ap[k] = ap[k] + pow_q(p, q);
-      at[k] = at[k] + t;  // t^q = t
-    };
     if constexpr (kCE) {
       ce_rows(std::integral_constant<int, 1>{}, &x, &e, &r, &sm1, &code, q);
-    } else {  // (k-masks here measured no faster: 2.50 ms at 1 thread either way)
-      for_channels<kC>(C, [&](auto k) DICE_LAMBDA { dice(k, x[k], code.eq(Vec(acc_t(k)))); });
+    } else {
+      dice_rows(std::integral_constant<int, 1>{}, [&](int, auto k) DICE_LAMBDA { return x[k]; }, &code, q);
     }
   };
   int64_t m0 = m_begin;
@@ -914,23 +925,35 @@ void forward_chunk_softmax(const scalar_t* xb, const Layout& Lx, int64_t C_, int
     };
     with_power(power, pair);
   }
-  if constexpr (kC == 0 && kCE) {
-    // the general copy: two vectors of planar pixels per iteration, for ce_rows to load and store
-    // each accumulator once per pair (the one-vector loop's sums: the same updates in pixel order).
-    // At (8, 21, 256^2) the Dice + CE forward kernel went from 6.3-6.5 to 5.7 ms at 1 thread and
-    // from 3.2 to 2.9-3.0 ms at 2 (warm caches).
-    Tile<acc_t, kC> xy[2] = {Tile<acc_t, kC>(C), Tile<acc_t, kC>(C)}, ef[2] = {Tile<acc_t, kC>(C), Tile<acc_t, kC>(C)};
-    for (; Lx.planar && m0 + 2 * V <= m_end; m0 += 2 * V) {
-      load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, V, stage, xy[0]);
-      load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0 + V, V, stage, xy[1]);
-      const Vec cs[2] = {Vec::loadu(codes + (m0 - m_begin)), Vec::loadu(codes + (m0 + V - m_begin))};
-      ahead(m0 - m_begin);
-      ahead(m0 + V - m_begin);
-      Vec rs[2], sm1s[2];
-      softmax_pixel(xy[0], ef[0], C, rs[0], sm1s[0]);
-      softmax_pixel(xy[1], ef[1], C, rs[1], sm1s[1]);
-      ce_rows(std::integral_constant<int, 2>{}, xy, ef, rs, sm1s, cs, power);
-    }
+  if constexpr (kC == 0) {
+    // the general copy, whose accumulators live in memory: two vectors of planar pixels per
+    // iteration, for dice_rows / ce_rows to load and store each accumulator once per pair (the
+    // one-vector loop's sums: the same updates in pixel order).  At (8, 21, 256^2) the Dice forward
+    // kernel went from 4.63-4.74 to 4.35-4.40 ms at 1 thread (2.31-2.37 to 2.13-2.18 at 2), the
+    // Dice + CE forward from 6.3-6.5 to 5.7 ms (3.2 to 2.9-3.0 at 2), warm caches.
+    const auto pair = [&](auto q) DICE_LAMBDA {
+      Tile<acc_t, kC> xy[2] = {Tile<acc_t, kC>(C), Tile<acc_t, kC>(C)};
+      Tile<acc_t, kC> ef[2] = {Tile<acc_t, kC>(kCE ? C : 0), Tile<acc_t, kC>(kCE ? C : 0)};
+      for (; Lx.planar && m0 + 2 * V <= m_end; m0 += 2 * V) {
+        load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, V, stage, xy[0]);
+        load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0 + V, V, stage, xy[1]);
+        const Vec cs[2] = {Vec::loadu(codes + (m0 - m_begin)), Vec::loadu(codes + (m0 + V - m_begin))};
+        ahead(m0 - m_begin);
+        ahead(m0 + V - m_begin);
+        Vec rs[2], sm1s[2];
+        if constexpr (kCE) {
+          softmax_pixel(xy[0], ef[0], C, rs[0], sm1s[0]);
+          softmax_pixel(xy[1], ef[1], C, rs[1], sm1s[1]);
+          ce_rows(std::integral_constant<int, 2>{}, xy, ef, rs, sm1s, cs, q);
+        } else {  // xy: e, p = e r taken as the rows need it
+          rs[0] = softmax_exps(xy[0], C);
+          rs[1] = softmax_exps(xy[1], C);
+          dice_rows(std::integral_constant<int, 2>{}, [&](int v, auto k) DICE_LAMBDA { return xy[v][k] * rs[v]; },
+                    cs, q);
+        }
+      }
+    };
+    with_power(power, pair);
   }
   for (; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
@@ -969,11 +992,11 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   constexpr int V = Vec::size();
   const int64_t C = kC > 0 ? kC : C_;
   if constexpr (kLabels) {
-    if constexpr (kC > 0) {  // (the general copy's Dice alone measured ~5 % faster in the loop below)
-      if (o.activation == kSoftmax && o.pixel_loss == kPixelNone) {
-        return forward_chunk_softmax<scalar_t, kC, false>(xb, Lx, C, m_begin, m_end, codes, ahead, stage, o.power,
-                                                          dst);
-      }
+    // (the general copy's Dice alone, one vector at a time, measured ~5 % faster in the loop below:
+    // it keeps that loop for input that is not planar, which it takes a vector at a time)
+    if (o.activation == kSoftmax && o.pixel_loss == kPixelNone && (kC > 0 || Lx.planar)) {
+      return forward_chunk_softmax<scalar_t, kC, false>(xb, Lx, C, m_begin, m_end, codes, ahead, stage, o.power,
+                                                        dst);
     }
     if (o.activation == kSoftmax && o.pixel_loss == kPixelCE && C <= kMaxLogProductC) {
       return forward_chunk_softmax<scalar_t, kC, true>(xb, Lx, C, m_begin, m_end, codes, ahead, stage, o.power,
@@ -984,38 +1007,7 @@ void forward_chunk(const scalar_t* xb, const Layout& Lx, const scalar_t* tb, con
   Tile<acc_t, kC> x(C), e(C), t(kLabels ? 0 : C);
   Tile<acc_t, kC, 5> acc(C);
   for_channels<kC * 5>(rows * C, [&](auto j) DICE_LAMBDA { acc[j] = Vec(acc_t(0)); });
-  int64_t m0 = m_begin;
-  if constexpr (kLabels && kC == 0) {
-    if (o.activation == kSoftmax && o.pixel_loss == kPixelNone && Lx.planar) {
-      // The general copy's Dice rows, two vectors of pixels per iteration: its 3 C accumulators live
-      // in memory, and each is loaded and stored once for both vectors, added to in pixel order
-      // (forward_vector's expressions, so the one-vector loop's sums).  At (8, 21, 256^2) the
-      // forward kernel went from 4.63-4.74 to 4.35-4.40 ms at 1 thread and from 2.31-2.37 to
-      // 2.13-2.18 at 2 (warm caches).
-      Tile<acc_t, kC> y(C);
-      const Vec zero(acc_t(0));
-      const auto pair = [&](auto q) DICE_LAMBDA {
-        for (; m0 + 2 * V <= m_end; m0 += 2 * V) {
-          load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, V, stage, x);
-          load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0 + V, V, stage, y);
-          const Vec c0 = Vec::loadu(codes + (m0 - m_begin)), c1 = Vec::loadu(codes + (m0 + V - m_begin));
-          ahead(m0 - m_begin);
-          ahead(m0 + V - m_begin);
-          const Vec v0 = c0 != Vec(acc_t(kIgnored)), v1 = c1 != Vec(acc_t(kIgnored));
-          const Vec r0 = softmax_exps(x, C), r1 = softmax_exps(y, C);
-          for (int64_t k = 0; k < C; ++k) {
-            const Vec p0 = Vec::blendv(zero, x[k] * r0, v0), p1 = Vec::blendv(zero, y[k] * r1, v1);
-            const Vec t0 = c0.eq(Vec(acc_t(k))), t1 = c1.eq(Vec(acc_t(k)));
-            acc[k] = (acc[k] + p0 * t0) + p1 * t1;
-            acc[C + k] = (acc[C + k] + pow_q(p0, q)) + pow_q(p1, q);
-            acc[2 * C + k] = (acc[2 * C + k] + pow_q(t0, q)) + pow_q(t1, q);
-          }
-        }
-      };
-      with_power(o.power, pair);
-    }
-  }
-  for (; m0 < m_end; m0 += V) {
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += V) {
     const int cnt = static_cast<int>(std::min<int64_t>(V, m_end - m0));
     load_channels<scalar_t, acc_t, kC>(xb, Lx, C, m0, cnt, stage, x);
     if constexpr (!kLabels) load_channels<scalar_t, acc_t, kC>(tb, Lt, C, m0, cnt, stage, t);
