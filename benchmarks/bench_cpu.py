@@ -29,10 +29,10 @@ Page faults per step (the median of the timed steps' minor faults) show what the
 glibc's malloc hands out a block above its mmap threshold (which adapts up to 32 MiB) as fresh pages
 unless its heap holds a free chunk that large, and smaller ones from a heap that other frees may
 have trimmed, so under the default allocator (``--allocator system``) a step pays for the pages it
-touches depending also on what the methods timed before it freed.  ``--allocator caching`` makes glibc keep every freed block in the process (no mmap,
-no trimming), as a caching allocator (jemalloc, tcmalloc, PyTorch's CUDA allocator) does: no step
-faults, and the times are the methods' own work.  MONAI's many-class steps are mostly page faults
-under the default.
+touches depending also on what the methods timed before it freed.  ``--allocator caching`` makes
+glibc keep every freed block in the process (no mmap, no trimming), as a caching allocator
+(jemalloc, tcmalloc, PyTorch's CUDA allocator) does: no step faults, and the times are the methods'
+own work.  MONAI's many-class steps are about half page faults under the default.
 
 A second table derives, per shape and thread count, the ratios the compound loss is judged by: the
 fused DiceCELoss's speed-up over MONAI's DiceCELoss, the cross-entropy part's extra cost over

@@ -444,11 +444,6 @@ void float_target_codes(const at::Tensor&, int64_t, int64_t m_begin, int64_t m_e
   pad_codes(m_end - m_begin, codes);
 }
 
-/// In place: x -> p = activation(x), each exp computed once; hard activations write 0/1 (argmax
-/// over the channels of each lane, or x > 0).
-template <typename acc_t, int kC>
-DICE_INLINE void activate(Tile<acc_t, kC>& x, int64_t C, int activation);
-
 /// The softmax up to its last multiply: x -> e = exp(z - max) in place, returns r = 1/s (p = e r).
 /// Where the tile lives in memory (the general-C copy) a loop that needs p takes e r as it goes,
 /// one load and one store per channel fewer than multiplying the tile first.
@@ -465,6 +460,8 @@ DICE_INLINE Vectorized<acc_t> softmax_exps(Tile<acc_t, kC>& x, int64_t C) {
   return Vec(acc_t(1)) / s;
 }
 
+/// In place: x -> p = activation(x), each exp computed once; hard activations write 0/1 (argmax
+/// over the channels of each lane, or x > 0).
 template <typename acc_t, int kC>
 DICE_INLINE void activate(Tile<acc_t, kC>& x, int64_t C, int activation) {
   using Vec = Vectorized<acc_t>;
